@@ -1,0 +1,274 @@
+"""Assemble one series part (a :class:`SeriesRef`) into a :class:`Volume`.
+
+Two passes over the files: the first reads headers with the pixel data deferred (so memory
+holds one volume, not two) and decides the slice order; the second decodes each instance once
+and copies its frames straight into a preallocated (z, y, x) array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from edgeseg._exceptions import DicomInputError
+from edgeseg.dicom.frames import FrameInfo, frame_infos, is_enhanced, n_frames
+from edgeseg.dicom.geometry import DUP_TOL_MM, GeometryError, orientation, same_orientation, stack_geometry
+from edgeseg.dicom.pixels import apply_modality_lut_sequence, decode_frames, has_modality_lut, target_dtype
+from edgeseg.dicom.scan import SeriesRef, quiet_dcmread, quiet_pydicom, read_header, unusable_reason
+from edgeseg.volume import Volume
+
+# Pixel data larger than this stays on disk until decoded (pydicom re-opens the file).
+_DEFER = "64 KB"
+
+
+@dataclass
+class _Slice:
+    file_index: int
+    frame_index: int
+    info: FrameInfo
+    proj: float = 0.0
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        ds = quiet_dcmread(path, defer_size=_DEFER)
+    except Exception:
+        # read_header raises the right DicomInputError (or returns a forced raw dataset).
+        if read_header(path) is None:
+            raise DicomInputError(path, "not a DICOM file") from None
+        try:
+            ds = quiet_dcmread(path, force=True, defer_size=_DEFER)
+        except Exception:
+            raise DicomInputError(
+                path, "the file cannot be read completely; it is truncated or damaged"
+            ) from None
+    if "SOPInstanceUID" not in ds:
+        # pydicom returns an empty dataset when the data runs out inside encapsulated pixel data.
+        raise DicomInputError(path, "the file cannot be read completely; it is truncated or damaged")
+    reason = unusable_reason(ds)
+    if reason:
+        raise DicomInputError(path, reason)
+    return ds
+
+
+def _where(files: list[Path]) -> Path:
+    parents = {p.parent for p in files}
+    return parents.pop() if len(parents) == 1 and len(files) > 1 else files[0]
+
+
+def _geometry_of(
+    slices: list[_Slice], files: list[Path], datasets: list[Dataset]
+) -> tuple[np.ndarray, list[str]]:
+    """Fill ``proj`` and return (iop, warnings); refuse mixed or missing geometry."""
+    warnings: list[str] = []
+    infos = [s.info for s in slices]
+    iops = [i.iop for i in infos]
+    if all(i is None for i in iops) and all(i.ipp is None for i in infos):
+        if len(slices) > 1 and not (len(datasets) == 1 and is_enhanced(datasets[0])):
+            raise DicomInputError(
+                _where(files), "the images have no position or orientation, so they cannot be stacked"
+            )
+        if len(slices) > 1:
+            warnings.append(
+                "the multi-frame instance has no plane position or orientation: frames are stacked in "
+                "file order with an assumed axis-aligned geometry"
+            )
+        else:
+            warnings.append(
+                "no patient position or orientation in the header: an axis-aligned geometry is assumed"
+            )
+        spacing = float(datasets[0].get("SpacingBetweenSlices") or 0) or 1.0
+        for k, s in enumerate(slices):
+            s.info = FrameInfo(
+                np.array([0.0, 0.0, k * spacing]),
+                np.array([1.0, 0, 0, 0, 1, 0]),
+                s.info.pixel_spacing,
+                s.info.slice_thickness,
+                s.info.slope,
+                s.info.intercept,
+            )
+            s.proj = k * spacing
+        return np.array([1.0, 0, 0, 0, 1, 0]), warnings
+    for s in slices:
+        if not same_orientation(s.info.iop, iops[0]):
+            raise DicomInputError(
+                files[s.file_index],
+                "slices have different orientations (ImageOrientationPatient) and cannot be stacked",
+            )
+    iop = np.asarray(iops[0])
+    try:
+        _, _, normal = orientation(iop)
+    except GeometryError as err:
+        raise DicomInputError(files[0], str(err)) from None
+    for s in slices:
+        if s.info.ipp is None:
+            if len(slices) > 1:
+                raise DicomInputError(
+                    files[s.file_index], "the slice has no ImagePositionPatient, so it cannot be placed"
+                )
+            warnings.append("no ImagePositionPatient in the header: the origin is assumed to be 0,0,0")
+            s.info = FrameInfo(
+                np.zeros(3), iop, s.info.pixel_spacing, s.info.slice_thickness, s.info.slope, s.info.intercept
+            )
+        s.proj = float(s.info.ipp @ normal)
+    return iop, warnings
+
+
+def load_volume(ref: SeriesRef) -> Volume:
+    """Decode and assemble one series part.
+
+    Parameters
+    ----------
+    ref:
+        A part found by :func:`find_series` (or built by hand from files of one series).
+
+    Returns
+    -------
+    Volume
+        ``stored`` (z, y, x) in the native stored dtype (int16/uint16), or float32 modality
+        values when a Modality LUT Sequence, 32-bit data or a signed/unsigned mix requires it.
+
+    Raises
+    ------
+    DicomInputError
+        Naming the offending file (or the series folder for stack-level problems) with a
+        one-sentence reason.
+    """
+    with quiet_pydicom():
+        return _load(ref)
+
+
+def _load(ref: SeriesRef) -> Volume:
+    files = [Path(p) for p in ref.files]
+    if not files:
+        raise DicomInputError(None, f"series part '{ref.label}' has no files")
+    datasets = [_read(p) for p in files]
+    shape = (int(datasets[0].Rows), int(datasets[0].Columns))
+    slices: list[_Slice] = []
+    for fi, (path, ds) in enumerate(zip(files, datasets, strict=True)):
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise DicomInputError(
+                path, f"its matrix {ds.Columns}x{ds.Rows} differs from the series' {shape[1]}x{shape[0]}"
+            )
+        if str(ds.get("SeriesInstanceUID", "")) != str(datasets[0].get("SeriesInstanceUID", "")):
+            raise DicomInputError(path, "it belongs to a different series than the other files")
+        slices.extend(_Slice(fi, k, info) for k, info in enumerate(frame_infos(ds)))
+
+    iop, warnings = _geometry_of(slices, files, datasets)
+    slices.sort(key=lambda s: s.proj)
+
+    # Pixel spacing must agree; without it, 1 mm is assumed (and said).
+    spacings = {s.info.pixel_spacing for s in slices}
+    if None in spacings:
+        if len(spacings) > 1:
+            raise DicomInputError(_where(files), "some slices have a pixel spacing and others do not")
+        warnings.append("no pixel spacing in the header: 1 mm is assumed")
+        pixel_spacing = (1.0, 1.0)
+    else:
+        arr = np.array(sorted(spacings))
+        if np.max(np.abs(arr - arr[0])) > 1e-4 * max(1.0, float(arr[0].max())):
+            raise DicomInputError(_where(files), "slices have different pixel spacings and cannot be stacked")
+        pixel_spacing = tuple(float(v) for v in arr[0])
+
+    # Duplicates: same position. Resolved after decoding (identical pixels -> keep one).
+    unique: list[_Slice] = []
+    dup_of: list[tuple[_Slice, int]] = []
+    for s in slices:
+        if unique and abs(s.proj - unique[-1].proj) < DUP_TOL_MM:
+            dup_of.append((s, len(unique) - 1))
+        else:
+            unique.append(s)
+
+    thickness = unique[0].info.slice_thickness or 1.0
+    try:
+        geom = stack_geometry(np.array([s.info.ipp for s in unique]), iop, pixel_spacing, thickness)
+    except GeometryError as err:
+        raise DicomInputError(_where(files), str(err)) from None
+    warnings.extend(geom.warnings)
+
+    use_lut = any(has_modality_lut(ds) for ds in datasets)
+    dtype = (
+        np.dtype(np.float32)
+        if use_lut
+        else target_dtype(
+            [int(ds.BitsAllocated) for ds in datasets],
+            [int(ds.get("PixelRepresentation", 0) or 0) == 1 for ds in datasets],
+            [int(ds.get("BitsStored", ds.BitsAllocated) or ds.BitsAllocated) for ds in datasets],
+        )
+    )
+    as_modality = dtype == np.float32
+    stored = np.empty((len(unique),) + shape, dtype=dtype)
+    slot_of = {(s.file_index, s.frame_index): z for z, s in enumerate(unique)}
+    dup_frames: dict[tuple[int, int], np.ndarray] = {}
+    dup_keys = {(s.file_index, s.frame_index) for s, _ in dup_of}
+    notes: set[str] = set()
+
+    for fi, (path, ds) in enumerate(zip(files, datasets, strict=True)):
+        frames, file_notes = decode_frames(ds, path)
+        notes.update(file_notes)
+        if as_modality:
+            frames = _to_modality(ds, frames, path, [s.info for s in slices if s.file_index == fi])
+        elif frames.dtype != dtype and frames.size:
+            info = np.iinfo(dtype)
+            if frames.min() < info.min or frames.max() > info.max:
+                raise DicomInputError(path, f"its stored values do not fit the series' pixel type {dtype}")
+        for k in range(frames.shape[0]):
+            if (fi, k) in slot_of:
+                np.copyto(stored[slot_of[(fi, k)]], frames[k], casting="unsafe")
+            elif (fi, k) in dup_keys:
+                dup_frames[(fi, k)] = frames[k].copy()
+        del ds.PixelData  # headers are kept for SEG writing; the pixels are in `stored` now
+
+    for s, z in dup_of:
+        keep = unique[z]
+        same_values = np.array_equal(dup_frames[(s.file_index, s.frame_index)], stored[z]) and (
+            as_modality or (s.info.slope, s.info.intercept) == (keep.info.slope, keep.info.intercept)
+        )
+        if not same_values:
+            raise DicomInputError(
+                files[s.file_index],
+                f"it lies at the same position as {files[keep.file_index].name} but its pixels differ "
+                "(a repeated or 4D acquisition); refusing to choose one",
+            )
+        warnings.append(f"duplicate slice at {s.proj:.2f} mm with identical pixels dropped")
+
+    if any(str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" for ds in datasets):
+        # Modality values are correct as stored; MONOCHROME1 only says display inverts them.
+        warnings.append("MONOCHROME1: values are kept as stored (modality values); only display is inverted")
+    if any(str(ds.get("LossyImageCompression", "")) == "01" for ds in datasets):
+        warnings.append("the source was lossy compressed")
+    warnings.extend(sorted(notes))
+
+    first_use = list(dict.fromkeys(s.file_index for s in unique))
+    return Volume(
+        stored=stored,
+        slope=np.ones(len(unique)) if as_modality else np.array([s.info.slope for s in unique]),
+        intercept=np.zeros(len(unique)) if as_modality else np.array([s.info.intercept for s in unique]),
+        spacing=geom.spacing,
+        affine=geom.affine,
+        sop_instance_uids=[str(datasets[s.file_index].SOPInstanceUID) for s in unique],
+        frame_numbers=[
+            s.frame_index + 1
+            if (is_enhanced(datasets[s.file_index]) or n_frames(datasets[s.file_index]) > 1)
+            else None
+            for s in unique
+        ],
+        headers=[datasets[i] for i in first_use],
+        series_instance_uid=str(datasets[0].get("SeriesInstanceUID", "")),
+        modality=str(datasets[0].get("Modality", "") or ref.modality),
+        warnings=warnings,
+    )
+
+
+def _to_modality(ds: Dataset, frames: np.ndarray, path: Path, infos: list[FrameInfo]) -> np.ndarray:
+    """float32 modality values of one instance's frames (Modality LUT, else slope/intercept)."""
+    if has_modality_lut(ds):
+        return apply_modality_lut_sequence(ds, frames, path)
+    out = frames.astype(np.float32)
+    for k, info in enumerate(infos):
+        out[k] *= np.float32(info.slope)
+        out[k] += np.float32(info.intercept)
+    return out

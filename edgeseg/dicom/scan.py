@@ -1,0 +1,408 @@
+"""Find image series in files, folders and DICOMDIRs, reading headers only.
+
+Every path given or found ends in exactly one place of the :class:`ScanResult`: an instance of
+a usable :class:`SeriesRef`, a rejected file (a :class:`DicomInputError` with a one-sentence
+reason), or a skipped file (not DICOM, or a DICOMDIR index, which is followed instead).
+
+A SeriesInstanceUID is split into several parts when its instances cannot form one stack:
+different orientation or matrix size, several multi-frame instances, instances without any
+position (each is its own 2D image), or repeated positions that are separate volumes (4D
+series such as diffusion or multi-echo: the k-th instance at every position goes to part k).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from edgeseg._exceptions import DicomInputError
+from edgeseg.dicom.frames import frame_infos, is_enhanced, n_frames, sop_class_name
+from edgeseg.dicom.geometry import IOP_TOL, orientation
+
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# Modalities that carry pixel data but are not images to segment.
+NON_IMAGE_MODALITIES = {"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTIMAGE", "RTRECORD", "SR", "KO", "PR", "REG"}
+GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
+
+
+@dataclass
+class SeriesRef:
+    """One stackable part of a series: files that :func:`load_volume` assembles into a Volume.
+
+    ``label`` is short and free of patient data: modality, series number, description and,
+    when the series was split, which part this is.
+    """
+
+    series_instance_uid: str
+    modality: str
+    files: list[Path]
+    n_instances: int
+    label: str
+
+
+@dataclass
+class ScanResult:
+    """What :func:`find_series` found.
+
+    ``rejected`` holds DICOM files that cannot be used, each with a reason; ``skipped`` holds
+    files that are not DICOM images and are not errors (non-DICOM files, DICOMDIR indexes).
+    """
+
+    series: list[SeriesRef] = field(default_factory=list)
+    rejected: list[DicomInputError] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _Instance:
+    path: Path
+    series_uid: str
+    sop_uid: str
+    modality: str
+    rows: int
+    cols: int
+    iop: np.ndarray | None
+    ipp: np.ndarray | None
+    multiframe: bool
+    instance_number: int
+    series_number: str
+    description: str
+
+
+# -- reading headers --------------------------------------------------------------------
+
+
+def _looks_like_raw_dataset(path: Path) -> bool:
+    # A DICOM stream without preamble starts with a group 0x0002 or 0x0008 tag (little endian);
+    # only then is force=True safe enough to try: on other files it invents garbage datasets.
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head[:2] in (b"\x02\x00", b"\x08\x00") and head[2:4] < b"\x00\x01"
+
+
+def quiet_dcmread(path: Path, **kwargs) -> Dataset:
+    """dcmread without pydicom's validation chatter (invalid UI/DS values and the like):
+    those warnings are noise for a reader that tolerates them, and may quote header values."""
+    with quiet_pydicom():
+        return dcmread(path, **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's value-validation warnings; it converts values lazily, on access, so
+    whole scans and loads run under this (warnings state is process-wide, not per thread)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+        yield
+
+
+def read_header(path: Path) -> Dataset | None:
+    """The header of ``path`` without pixel data, or None when it is not a DICOM file.
+
+    Raises
+    ------
+    DicomInputError
+        When the file claims to be DICOM but its header cannot be parsed.
+    """
+    try:
+        return quiet_dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        pass
+    except Exception as exc:
+        raise DicomInputError(
+            path, f"the DICOM header cannot be parsed ({type(exc).__name__}); the file is damaged"
+        ) from None
+    if _looks_like_raw_dataset(path):
+        try:
+            ds = quiet_dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:
+            ds = None
+        if ds is not None and "SOPClassUID" in ds and "SOPInstanceUID" in ds:
+            return ds
+    if path.suffix.lower() in (".dcm", ".dicom", ".dic"):
+        raise DicomInputError(path, "named as DICOM but has no DICOM preamble or readable header")
+    return None
+
+
+def unusable_reason(ds: Dataset) -> str | None:
+    """Why an instance cannot become part of a grayscale volume, or None when it can."""
+    sop = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "").upper()
+    if not sop:
+        return "the header has no SOP Class UID, so it is not a usable image instance"
+    if modality in NON_IMAGE_MODALITIES:
+        return f"it is a {sop_class_name(sop)} ({modality}) object, not an image to segment"
+    if "Rows" not in ds or "Columns" not in ds:
+        overlays = any(e.tag.group & 0xFF01 == 0x6000 and e.tag.element == 0x3000 for e in ds)
+        if overlays:
+            return "it holds only overlay planes, no image pixel data"
+        return f"it has no image pixel data ({sop_class_name(sop)})"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or photometric not in GRAYSCALE:
+        return f"it is a colour image ({photometric or 'SamplesPerPixel > 1'}); only grayscale images can be segmented"
+    bits = int(ds.get("BitsAllocated", 16) or 0)
+    if bits not in (8, 16, 32):
+        return f"its pixels have {bits} bits allocated (binary or unsupported); not a grayscale image"
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        return "it stores floating-point pixel data, which is not supported"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "MOSAIC" in image_type:
+        return (
+            "it is a Siemens MOSAIC (all slices tiled in one image); un-tiling is not supported, "
+            "convert it with dcm2niix first"
+        )
+    try:
+        count = n_frames(ds)
+    except (TypeError, ValueError):
+        return "its NumberOfFrames is not a number"
+    if count > 1 and not is_enhanced(ds):
+        return (
+            f"it is a multi-frame image ({count} frames) without per-frame positions, "
+            "so its frames cannot be placed in space"
+        )
+    return None
+
+
+def _instance(path: Path, ds: Dataset) -> _Instance:
+    infos = frame_infos(ds)
+    first = infos[0]
+    ipp = first.ipp
+    iop = first.iop
+    if iop is not None:
+        try:
+            orientation(iop)
+        except ValueError:
+            iop = None
+    try:
+        number = int(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        number = 0
+    return _Instance(
+        path=path,
+        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        sop_uid=str(ds.SOPInstanceUID),
+        modality=str(ds.get("Modality", "") or "").upper() or "OT",
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        iop=iop,
+        ipp=ipp,
+        multiframe=is_enhanced(ds) or n_frames(ds) > 1,
+        instance_number=number,
+        series_number=str(ds.get("SeriesNumber", "") or ""),
+        description=str(ds.get("SeriesDescription", "") or "").strip(),
+    )
+
+
+# -- walking ----------------------------------------------------------------------------
+
+
+def _dicomdir_files(path: Path, ds: Dataset) -> tuple[list[Path], list[DicomInputError]]:
+    """Files referenced by a DICOMDIR, resolved against its folder (File IDs are relative)."""
+    found: list[Path] = []
+    missing: list[DicomInputError] = []
+    for record in ds.get("DirectoryRecordSequence") or []:
+        file_id = record.get("ReferencedFileID")
+        if not file_id:
+            continue
+        parts = [file_id] if isinstance(file_id, str) else list(file_id)
+        target = path.parent.joinpath(*[str(p) for p in parts])
+        if target.is_file():
+            found.append(target)
+        else:
+            missing.append(DicomInputError(target, "listed in a DICOMDIR but the file does not exist"))
+    return found, missing
+
+
+def _walk(inputs: Iterable[str | Path], missing: list[DicomInputError]) -> Iterable[Path]:
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        elif p.is_file():
+            yield p
+        else:
+            missing.append(DicomInputError(p, "no such file or folder"))
+
+
+# -- grouping ---------------------------------------------------------------------------
+
+
+def _split_by_orientation(items: list[_Instance]) -> list[list[_Instance]]:
+    clusters: list[list[_Instance]] = []
+    for inst in items:
+        for cluster in clusters:
+            ref = cluster[0]
+            if (ref.rows, ref.cols) == (inst.rows, inst.cols) and np.max(
+                np.abs(ref.iop - inst.iop)
+            ) <= IOP_TOL:
+                cluster.append(inst)
+                break
+        else:
+            clusters.append([inst])
+    return clusters
+
+
+def _split_repeats(items: list[_Instance]) -> list[list[_Instance]]:
+    """Split k instances per position into k volumes when they are distinct acquisitions."""
+    _, _, normal = orientation(items[0].iop)
+    by_pos: dict[float, list[_Instance]] = defaultdict(list)
+    for inst in items:
+        by_pos[round(float(inst.ipp @ normal), 2)].append(inst)
+    counts = {len(v) for v in by_pos.values()}
+    if len(counts) != 1 or counts == {1}:
+        return [items]  # no repeats, or an irregular mix: load_volume decides (duplicates)
+    k = counts.pop()
+    # Identical InstanceNumbers at one position look like re-sent copies: keep together so
+    # load_volume can compare their pixels (identical -> keep one, different -> refuse).
+    if any(len({i.instance_number for i in group}) < k for group in by_pos.values()):
+        return [items]
+    parts: list[list[_Instance]] = [[] for _ in range(k)]
+    for group in by_pos.values():
+        for rank, inst in enumerate(sorted(group, key=lambda i: (i.instance_number, str(i.path)))):
+            parts[rank].append(inst)
+    return parts
+
+
+def _label(inst: _Instance, part: int, n_parts: int, why: str) -> str:
+    text = inst.modality
+    if inst.series_number:
+        text += f" #{inst.series_number}"
+    if inst.description:
+        text += f" {inst.description[:48]}"
+    if n_parts > 1:
+        text += f" [part {part}/{n_parts}: {why}]"
+    return text
+
+
+def _copies(members: list[_Instance]) -> list[list[_Instance]]:
+    """Split files that repeat a SOP Instance UID (the same image stored twice, e.g. once
+    uncompressed and once JPEG 2000) into copy sets: the k-th file of each UID goes to set k."""
+    sets: list[list[_Instance]] = []
+    seen: dict[str, int] = defaultdict(int)
+    for inst in members:
+        k = seen[inst.sop_uid]
+        seen[inst.sop_uid] += 1
+        if k == len(sets):
+            sets.append([])
+        sets[k].append(inst)
+    return sets
+
+
+def _parts_of(members: list[_Instance], copy_note: str) -> list[tuple[list[_Instance], str]]:
+    parts: list[tuple[list[_Instance], str]] = []
+    for m in members:
+        if m.multiframe:
+            parts.append(([m], f"multi-frame instance{copy_note}"))
+        elif m.iop is None or m.ipp is None:
+            parts.append(([m], f"image without position{copy_note}"))
+    stackable = [m for m in members if not m.multiframe and m.iop is not None and m.ipp is not None]
+    for cluster in _split_by_orientation(stackable):
+        ref = cluster[0]
+        why = f"{ref.cols}x{ref.rows} orientation {np.round(ref.iop, 2).tolist()}{copy_note}"
+        repeats = _split_repeats(cluster)
+        for index, part in enumerate(repeats, 1):
+            parts.append((part, why if len(repeats) == 1 else f"{why}, volume {index}"))
+    return parts
+
+
+def _group(instances: list[_Instance]) -> list[SeriesRef]:
+    by_series: dict[str, list[_Instance]] = defaultdict(list)
+    for inst in instances:
+        by_series[inst.series_uid].append(inst)
+    refs: list[SeriesRef] = []
+    for uid, members in by_series.items():
+        copy_sets = _copies(members)
+        parts: list[tuple[list[_Instance], str]] = []
+        for k, copy_set in enumerate(copy_sets, 1):
+            parts.extend(_parts_of(copy_set, f", copy {k}" if len(copy_sets) > 1 else ""))
+        for index, (part, why) in enumerate(parts, 1):
+            part.sort(key=lambda i: (i.instance_number, str(i.path)))
+            refs.append(
+                SeriesRef(
+                    series_instance_uid=uid,
+                    modality=part[0].modality,
+                    files=[i.path for i in part],
+                    n_instances=len(part),
+                    label=_label(part[0], index, len(parts), why),
+                )
+            )
+    return refs
+
+
+def find_series(inputs: Sequence[str | Path] | str | Path) -> ScanResult:
+    """Find the image series in files, folders (recursively) and DICOMDIR files.
+
+    Only headers are read (``stop_before_pixels=True``); pixel data is decoded later by
+    :func:`load_volume`, which may still reject a part whose pixels are damaged.
+
+    Parameters
+    ----------
+    inputs:
+        Files, folders or DICOMDIR files, in any mix (a single path is accepted too).
+
+    Returns
+    -------
+    ScanResult
+        Usable series parts, rejected DICOM files with reasons, skipped non-DICOM files.
+
+    A path that does not exist is reported in ``rejected``.
+    """
+    with quiet_pydicom():
+        return _find_series([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
+
+
+def _find_series(inputs: list[str | Path]) -> ScanResult:
+    result = ScanResult()
+    seen: set[Path] = set()
+    instances: list[_Instance] = []
+    queue = deque(_walk(inputs, result.rejected))
+    while queue:
+        path = queue.popleft()
+        key = path.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            ds = read_header(path)
+        except DicomInputError as err:
+            result.rejected.append(err)
+            continue
+        if ds is None:
+            result.skipped.append(path)
+            continue
+        sop_class = str(
+            ds.get("SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")
+        )
+        if "DirectoryRecordSequence" in ds or sop_class == MEDIA_STORAGE_DIRECTORY:
+            # A DICOMDIR is an index: follow it, do not count it as an image or an error.
+            files, missing = _dicomdir_files(path, ds)
+            for err in missing:
+                if Path(err.path).resolve() not in seen:
+                    seen.add(Path(err.path).resolve())
+                    result.rejected.append(err)
+            queue.extend(files)
+            result.skipped.append(path)
+            continue
+        reason = unusable_reason(ds)
+        if reason:
+            result.rejected.append(DicomInputError(path, reason))
+            continue
+        instances.append(_instance(path, ds))
+    result.series = _group(instances)
+    return result
