@@ -188,7 +188,9 @@ class ModelSpec:
             o = self.orientation.upper()
             axes = sorted({"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}.get(c, -1) for c in o)
             if len(o) != 3 or axes != [0, 1, 2]:
-                raise SpecError(f"'orientation' must be 3 letters, one of L/R, P/A, S/I each; got {self.orientation!r}")
+                raise SpecError(
+                    f"'orientation' must be 3 letters, one of L/R, P/A, S/I each; got {self.orientation!r}"
+                )
             self.orientation = o
         if self.per_channel_intensity is not None and len(self.per_channel_intensity) != self.in_channels:
             raise SpecError(

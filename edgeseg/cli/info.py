@@ -1,0 +1,63 @@
+"""``edgeseg info``: what a bundle holds."""
+
+from __future__ import annotations
+
+import click
+
+from edgeseg.cli._common import echo_json, table
+
+
+@click.command("info")
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--ranges", is_flag=True, help="Show the calibration ranges per tensor (int8 bundles).")
+def info(bundle: str, as_json: bool, ranges: bool) -> None:
+    """Describe BUNDLE: model, labels, spec, precisions, accuracy, provenance."""
+    from edgeseg.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    d = b.describe()
+    if not ranges:
+        d.get("provenance", {}).pop("ranges", None)
+    if as_json:
+        echo_json(d)
+        return
+    m = d["model"]
+    click.echo(f"{m.get('name')} {m.get('version')}  ({b.path})")
+    if m.get("description"):
+        click.echo(f"  {m['description']}")
+    spec = b.spec
+    geom = spec.patch_size or spec.target_shape or spec.target_spacing
+    click.echo(
+        f"  {spec.dims}D, {spec.in_channels} input channel(s), orientation {spec.orientation or 'scanner'}, "
+        f"grid {list(geom) if geom else 'native'}"
+    )
+    click.echo("  labels: " + ", ".join(f"{lab.value}={lab.name}" for lab in spec.labels))
+    rows = [
+        [p, f"{d['artifact_bytes'].get(p, 0) / 1e6:.1f} MB", "yes" if p == d["cpu_precision"] else ""]
+        for p in d["precisions"]
+    ]
+    click.echo(table(rows, ["precision", "size", "CPU choice"]))
+    acc = d.get("accuracy") or {}
+    if acc:
+        click.echo("accuracy gate:")
+        for prec, rep in acc.items():
+            if isinstance(rep, dict):
+                click.echo(
+                    f"  {prec}: mean Dice vs fp32 {rep.get('mean_dice_vs_fp32', 'n/a')}, "
+                    f"passed={rep.get('passed')}"
+                )
+    parity = d.get("provenance", {}).get("parity")
+    if parity:
+        click.echo(
+            f"parity vs PyTorch: max rel error {parity['max_rel']:.2e}, "
+            f"label agreement {parity['label_agreement']:.4%} on {parity['n_inputs']} input(s)"
+        )
+    if ranges:
+        rng = d.get("provenance", {}).get("ranges") or {}
+        if not rng:
+            click.echo("no calibration ranges in this bundle")
+        for name, r in rng.items():
+            click.echo(f"  {name}: {r}")
+    if d["engines"]:
+        click.echo("engines: " + ", ".join(d["engines"]))

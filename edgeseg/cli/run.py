@@ -1,0 +1,132 @@
+"""``edgeseg run``: segment files, folders, or a live DICOM stream."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgeseg.cli._common import echo_json, parse_list, table
+
+FORMATS = ("seg", "nifti", "png")
+STAGES = ("read", "preprocess", "h2d", "infer", "postprocess", "d2h", "write")
+
+
+@click.command("run")
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option(
+    "-o", "--output", "out_dir", default="edgeseg-out", show_default=True, type=click.Path(file_okay=False)
+)
+@click.option("--format", "formats", default="seg", show_default=True, help="Comma list of seg, nifti, png.")
+@click.option("--backend", type=click.Choice(["auto", "cpu", "tensorrt"]), default="auto", show_default=True)
+@click.option("--precision", default=None, help="Override the bundle's recorded precision choice.")
+@click.option("--threads", type=int, default=None, help="CPU inference threads (default: all cores).")
+@click.option("--confidence", is_flag=True, help="Also compute per-voxel confidence.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with every outcome.")
+@click.option("--listen", default=None, metavar="[HOST:]PORT", help="Run a DICOM listener (C-STORE SCP).")
+@click.option("--ae-title", default="EDGESEG", show_default=True)
+@click.option("--allow", default=None, help="Comma list of calling AE titles allowed (default: any).")
+@click.option("--forward", default=None, metavar="AE@HOST:PORT", help="C-STORE results to PACS.")
+@click.option("--watch", default=None, type=click.Path(file_okay=False), help="Watch a folder for new DICOM.")
+@click.option(
+    "--series-timeout", default=5.0, show_default=True, help="Quiet seconds that complete a series."
+)
+@click.option(
+    "--spool", default=None, type=click.Path(file_okay=False), help="Spool folder (default: OUT/.spool)."
+)
+@click.option("--once", is_flag=True, help="With --listen/--watch: process what is complete, then exit.")
+def run(
+    bundle,
+    inputs,
+    out_dir,
+    formats,
+    backend,
+    precision,
+    threads,
+    confidence,
+    as_json,
+    listen,
+    ae_title,
+    allow,
+    forward,
+    watch,
+    series_timeout,
+    spool,
+    once,
+):
+    """Segment INPUTS (DICOM files, folders, DICOMDIR, NIfTI) with BUNDLE.
+
+    Every series is processed even when others fail; one line per failure names the file and the
+    reason. Exit code 0 when all succeeded, 1 when any failed.
+    """
+    fmt = parse_list(formats, FORMATS, "--format") or ["seg"]
+    if listen or watch:
+        try:
+            from edgeseg.stream.cli_support import serve  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise click.UsageError(f"streaming is not available in this build ({exc})") from None
+        sys.exit(
+            serve(
+                bundle,
+                listen=listen,
+                ae_title=ae_title,
+                out_dir=out_dir,
+                allow=allow,
+                forward=forward,
+                watch=watch,
+                series_timeout=series_timeout,
+                once=once,
+                spool=spool,
+                formats=fmt,
+                backend=backend,
+            )
+        )
+    if not inputs:
+        raise click.UsageError("give INPUTS (files or folders), or --listen / --watch")
+    from edgeseg.run import run_inputs
+    from edgeseg.segmenter import Segmenter
+
+    seg = Segmenter.open(bundle, backend=backend, precision=precision, threads=threads)
+    failures: list[str] = []
+
+    def report(outcome):
+        if outcome.status != "ok":
+            failures.append(outcome.error or outcome.source)
+            if not as_json:
+                click.echo(f"FAILED {outcome.error}", err=True)
+        elif not as_json:
+            ms = sum(outcome.timings.values())
+            click.echo(f"ok     {outcome.source} → {', '.join(outcome.outputs.values())} ({ms:.0f} ms)")
+            for w in outcome.warnings:
+                click.echo(f"       warning: {w}", err=True)
+
+    outcomes = run_inputs(
+        seg, inputs, Path(out_dir), formats=fmt, on_outcome=report, with_confidence=confidence
+    )
+    ok = [o for o in outcomes if o.status == "ok"]
+    if as_json:
+        echo_json(
+            {
+                "backend": seg.describe(),
+                "outcomes": [o.to_dict() for o in outcomes],
+                "succeeded": len(ok),
+                "failed": len(outcomes) - len(ok),
+            }
+        )
+    else:
+        if ok:
+            rows = []
+            for stage in STAGES:
+                vals = [o.timings[stage] for o in ok if stage in o.timings]
+                if vals:
+                    rows.append([stage, f"{sum(vals) / len(vals):.1f}"])
+            rows.append(["total", f"{sum(sum(o.timings.values()) for o in ok) / len(ok):.1f}"])
+            click.echo(table(rows, ["stage", "mean ms / series"]))
+        click.echo(
+            f"{len(ok)} series succeeded, {len(outcomes) - len(ok)} failed ({json.dumps(seg.describe())})"
+        )
+    seg.close()
+    sys.exit(1 if failures or not outcomes else 0)

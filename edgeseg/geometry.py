@@ -1,0 +1,143 @@
+"""Index-space geometry shared by the CPU and GPU paths: reorientation and resampling grids.
+
+Conventions (the CUDA kernels implement exactly the same):
+
+* reorientation is a permutation of the (z, y, x) array axes plus flips, chosen so that the
+  model's axes (D, H, W) point along the spec's anatomical orientation;
+* resampling is separable and edge-aligned (``align_corners=False``):
+  ``src = (dst + 0.5) * n_in / n_out - 0.5`` clamped to ``[0, n_in - 1]`` for linear, and
+  ``i = min(floor((dst + 0.5) * n_in / n_out), n_in - 1)`` for nearest ("nearest-exact").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# LPS axis and sign of each orientation letter: the direction in which an axis *increases*.
+_LETTER = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How to view a (z, y, x) array in model axes: ``np.transpose(a, perm)`` then flip ``flips``."""
+
+    perm: tuple[int, int, int] = (0, 1, 2)
+    flips: tuple[bool, bool, bool] = (False, False, False)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flips)
+
+    def to_model(self, array: np.ndarray) -> np.ndarray:
+        """A view of ``array`` (z, y, x, …) in model axes (D, H, W, …); no copy."""
+        out = np.transpose(array, self.perm + tuple(range(3, array.ndim)))
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis)
+        return out
+
+    def from_model(self, array: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_model`: a view in (z, y, x) order."""
+        out = array
+        for axis, flip in enumerate(self.flips):
+            if flip:
+                out = np.flip(out, axis)
+        inverse = tuple(int(i) for i in np.argsort(self.perm))
+        return np.transpose(out, inverse + tuple(range(3, array.ndim)))
+
+    def model_shape(self, zyx_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple(zyx_shape[p] for p in self.perm)  # type: ignore[return-value]
+
+    def model_spacing(self, zyx_spacing: tuple[float, float, float]) -> tuple[float, float, float]:
+        return tuple(zyx_spacing[p] for p in self.perm)  # type: ignore[return-value]
+
+
+def orientation_for(direction: np.ndarray, code: str | None) -> Orientation:
+    """The :class:`Orientation` that brings a volume with ``direction`` to ``code`` (e.g. "RAS").
+
+    ``direction`` is the Volume's 3×3 matrix whose columns are the LPS unit vectors of the x, y
+    and z index axes. Each model axis takes the array axis most parallel to its letter (greedy on
+    the largest |cos|, so oblique scans map to their nearest anatomical axes) and is flipped when
+    antiparallel.
+    """
+    if code is None:
+        return Orientation()
+    # Array axes in (z, y, x) order → direction columns 2, 1, 0.
+    dirs = np.stack([direction[:, 2], direction[:, 1], direction[:, 0]])
+    targets = np.zeros((3, 3))
+    for i, letter in enumerate(code.upper()):
+        lps_axis, sign = _LETTER[letter]
+        targets[i, lps_axis] = sign
+    cos = targets @ dirs.T  # [model axis, array axis]
+    perm = [-1, -1, -1]
+    used: set[int] = set()
+    for flat in np.argsort(-np.abs(cos), axis=None):
+        m, a = divmod(int(flat), 3)
+        if perm[m] == -1 and a not in used:
+            perm[m] = a
+            used.add(a)
+    flips = tuple(bool(cos[m, perm[m]] < 0) for m in range(3))
+    return Orientation(tuple(perm), flips)  # type: ignore[arg-type]
+
+
+def source_coords(n_in: int, n_out: int) -> np.ndarray:
+    """Edge-aligned source coordinate of each output sample (float64, clamped)."""
+    dst = np.arange(n_out, dtype=np.float64)
+    src = (dst + 0.5) * (n_in / n_out) - 0.5
+    return np.clip(src, 0.0, n_in - 1)
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output sample for nearest ("nearest-exact") resampling."""
+    dst = np.arange(n_out, dtype=np.float64)
+    return np.minimum(np.floor((dst + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i0, i1, w) so that ``out = (1 - w) * a[i0] + w * a[i1]`` along one axis."""
+    src = source_coords(n_in, n_out)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = (src - i0).astype(np.float32)
+    return i0, i1, w
+
+
+def resample_axis(array: np.ndarray, axis: int, n_out: int, mode: str) -> np.ndarray:
+    """Resample one axis of ``array`` to ``n_out`` samples (float32 out for linear)."""
+    n_in = array.shape[axis]
+    if n_in == n_out:
+        return array
+    if mode == "nearest":
+        return np.take(array, nearest_indices(n_in, n_out), axis=axis)
+    i0, i1, w = linear_weights(n_in, n_out)
+    a0 = np.take(array, i0, axis=axis).astype(np.float32, copy=False)
+    a1 = np.take(array, i1, axis=axis).astype(np.float32, copy=False)
+    shape = [1] * array.ndim
+    shape[axis] = n_out
+    w = w.reshape(shape)
+    # a0 + w * (a1 - a0), in place on the fresh a1 buffer.
+    a1 -= a0
+    a1 *= w
+    a1 += a0
+    return a1
+
+
+def resample(array: np.ndarray, out_shape: tuple[int, ...], mode: str, axes: tuple[int, ...]) -> np.ndarray:
+    """Separable resampling of ``axes`` of ``array`` to ``out_shape`` (one entry per axis in ``axes``).
+
+    Axes are processed from the one that shrinks most, so the intermediate arrays stay small.
+    """
+    order = sorted(range(len(axes)), key=lambda i: out_shape[i] / max(array.shape[axes[i]], 1))
+    out = array
+    for i in order:
+        out = resample_axis(out, axes[i], int(out_shape[i]), mode)
+    return out
+
+
+def spacing_to_shape(
+    shape: tuple[int, ...], spacing: tuple[float, ...], target_spacing: tuple[float, ...]
+) -> tuple[int, ...]:
+    """Grid size that covers the same extent at ``target_spacing``."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))

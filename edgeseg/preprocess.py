@@ -1,0 +1,255 @@
+"""The numpy reference implementation of the preprocessing and postprocessing spec.
+
+This is what runs on the CPU path, and the reference every CUDA kernel is tested against.
+Order (see :mod:`edgeseg.spec` and :mod:`edgeseg.geometry`): reorient → modality rescale →
+resample to the model grid → intensity steps (statistics over the whole resampled volume) →
+pad → write into the model's input layout. Postprocessing turns network output into uint8
+labels and maps them back onto the source grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeseg._exceptions import SpecError
+from edgeseg.geometry import Orientation, orientation_for, resample, spacing_to_shape
+from edgeseg.spec import Clip, Denoise, ModelSpec, PercentileClip, Scale, Window, ZScore
+from edgeseg.volume import Volume
+
+# ---------------------------------------------------------------------------------------------
+# Intensity steps (in place on float32 arrays)
+
+
+def apply_intensity(x: np.ndarray, steps: Sequence[object]) -> np.ndarray:
+    """Apply intensity ``steps`` in order to ``x`` (float32, modified in place) and return it."""
+    for step in steps:
+        if isinstance(step, Window):
+            lo = step.center - step.width / 2.0
+            x -= np.float32(lo)
+            x *= np.float32(1.0 / step.width)
+            np.clip(x, 0.0, 1.0, out=x)
+            if (step.out_min, step.out_max) != (0.0, 1.0):
+                x *= np.float32(step.out_max - step.out_min)
+                x += np.float32(step.out_min)
+        elif isinstance(step, Clip):
+            np.clip(x, step.low, step.high, out=x)
+        elif isinstance(step, PercentileClip):
+            lo, hi = (float(v) for v in np.percentile(x, [step.low, step.high]))
+            np.clip(x, lo, hi, out=x)
+            if step.rescale:
+                if hi > lo:
+                    x -= np.float32(lo)
+                    x *= np.float32(1.0 / (hi - lo))
+                else:
+                    x.fill(0.0)
+        elif isinstance(step, ZScore):
+            mean, std = step.mean, step.std
+            if mean is None or std is None:
+                sample = x[x != 0] if step.nonzero else x
+                if sample.size == 0:
+                    sample = x
+                mean = float(sample.mean(dtype=np.float64)) if mean is None else mean
+                std = float(sample.std(dtype=np.float64)) if std is None else std
+            x -= np.float32(mean)
+            x *= np.float32(1.0 / max(std, 1e-8))
+        elif isinstance(step, Scale):
+            if step.mul != 1.0:
+                x *= np.float32(step.mul)
+            if step.add != 0.0:
+                x += np.float32(step.add)
+        elif isinstance(step, Denoise):
+            if step.sigma > 0:
+                x[...] = gaussian_filter(x, step.sigma)
+        else:  # pragma: no cover - spec validation rejects these
+            raise SpecError(f"unknown intensity step {step!r}")
+    return x
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    radius = max(1, math.ceil(3.0 * sigma))
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_filter(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian over every axis of ``x`` with reflect borders (numpy only)."""
+    k = gaussian_kernel(sigma)
+    r = len(k) // 2
+    out = x.astype(np.float32, copy=True)
+    for axis in range(out.ndim):
+        if out.shape[axis] < 2:
+            continue
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (r, r)
+        p = np.pad(out, pad, mode="symmetric")
+        acc = np.zeros_like(out)
+        n = out.shape[axis]
+        for i, kv in enumerate(k):
+            acc += kv * np.take(p, np.arange(i, i + n), axis=axis)
+        out = acc
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+@dataclass
+class Prepared:
+    """A preprocessed input and what is needed to map the output back.
+
+    ``array`` is (C, D, H, W) for 3D models and (D, C, H, W) for 2D models (slices are the
+    batch), float32, padded. ``grid`` is the (D, H, W) model grid before padding; ``oriented``
+    the source shape in model axes before resampling.
+    """
+
+    array: np.ndarray
+    grid: tuple[int, int, int]
+    oriented: tuple[int, int, int]
+    source_shape: tuple[int, int, int]
+    orientation: Orientation
+
+
+class Preprocessor:
+    """Runs a spec's preprocessing, reusing its output buffer across calls of the same shape."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self._buffer: np.ndarray | None = None
+
+    def plan(self, volume: Volume) -> tuple[Orientation, tuple[int, int, int], tuple[int, int, int]]:
+        """(orientation, oriented shape, model grid) for ``volume`` under this spec."""
+        spec = self.spec
+        orient = orientation_for(volume.direction, spec.orientation)
+        oriented = orient.model_shape(volume.shape)
+        spacing = orient.model_spacing(volume.spacing)
+        grid = list(oriented)
+        if spec.target_shape is not None:
+            target = tuple(spec.target_shape)
+            if spec.dims == 2 or len(target) == 2:
+                grid[1:] = target[-2:]
+            else:
+                grid = list(target)
+        elif spec.target_spacing is not None:
+            tsp = tuple(spec.target_spacing)
+            if spec.dims == 2 or len(tsp) == 2:
+                grid[1:] = spacing_to_shape(oriented[1:], spacing[1:], tsp[-2:])
+            else:
+                grid = list(spacing_to_shape(oriented, spacing, tsp))
+        return orient, oriented, tuple(grid)  # type: ignore[return-value]
+
+    def padded_shape(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        spec = self.spec
+        out = list(grid)
+        first = 1 if spec.dims == 2 else 0  # 2D models never pad the slice axis
+        for i in range(first, 3):
+            if spec.patch_size is not None:
+                out[i] = max(out[i], int(spec.patch_size[i]))
+            m = spec.divisible_by
+            out[i] = -(-out[i] // m) * m
+        return tuple(out)  # type: ignore[return-value]
+
+    def __call__(self, volumes: Volume | Sequence[Volume]) -> Prepared:
+        vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
+        spec = self.spec
+        if len(vols) != spec.in_channels:
+            raise SpecError(
+                f"the model takes {spec.in_channels} co-registered series as input channels, got {len(vols)}"
+            )
+        if any(v.shape != vols[0].shape for v in vols[1:]):
+            raise SpecError(
+                "multimodal input series must share one grid; got shapes "
+                + ", ".join(str(v.shape) for v in vols)
+            )
+        orient, oriented, grid = self.plan(vols[0])
+        padded = self.padded_shape(grid)
+        layout = (spec.in_channels, *padded) if spec.dims == 3 else (padded[0], spec.in_channels, *padded[1:])
+        if self._buffer is None or self._buffer.shape != layout:
+            self._buffer = np.empty(layout, dtype=np.float32)
+        buf = self._buffer
+        buf.fill(spec.pad_value)
+        for c, vol in enumerate(vols):
+            x = self._channel(vol, orient, grid, spec.intensity_for_channel(c))
+            if spec.dims == 3:
+                buf[c, : grid[0], : grid[1], : grid[2]] = x
+            else:
+                buf[: grid[0], c, : grid[1], : grid[2]] = x
+        return Prepared(buf, grid, oriented, vols[0].shape, orient)
+
+    def _channel(
+        self, vol: Volume, orient: Orientation, grid: tuple[int, int, int], steps: list[object]
+    ) -> np.ndarray:
+        values = vol.modality_values()
+        x = orient.to_model(values)
+        axes = (1, 2) if self.spec.dims == 2 else (0, 1, 2)
+        x = resample(x, tuple(grid[a] for a in axes), self.spec.interpolation, axes)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x is values and not orient.is_identity:  # pragma: no cover - defensive
+            x = x.copy()
+        return apply_intensity(x, steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Postprocessing
+
+
+def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    m = logits.max(axis=axis, keepdims=True)
+    e = np.exp(logits - m)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
+
+
+def to_labels(
+    output: np.ndarray, spec: ModelSpec, *, with_confidence: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Network output (N, K, *spatial) → uint8 labels (N, *spatial) and optional uint8 confidence."""
+    if spec.output == "argmax":
+        if output.shape[1] == 1:
+            raise SpecError(
+                "the network returns 1 channel but the spec asks for 'argmax'; use output 'threshold'"
+            )
+        labels = np.argmax(output, axis=1).astype(np.uint8)
+        conf = None
+        if with_confidence:
+            probs = output if spec.activation == "softmax" else softmax(output, axis=1)
+            conf = np.rint(probs.max(axis=1) * 255.0).astype(np.uint8)
+        return labels, conf
+    probs = output if spec.activation in ("softmax", "sigmoid") else 1.0 / (1.0 + np.exp(-output))
+    labels = np.zeros((output.shape[0], *output.shape[2:]), dtype=np.uint8)
+    for c, lab in enumerate(spec.labels[: output.shape[1]]):
+        labels[probs[:, c] > spec.threshold] = lab.value
+    conf = np.rint(probs.max(axis=1) * 255.0).astype(np.uint8) if with_confidence else None
+    return labels, conf
+
+
+def labels_to_source(labels_grid: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """Map (D, H, W) labels on the (unpadded) model grid back to the source (z, y, x) grid."""
+    out = resample(labels_grid, prepared.oriented, "nearest", (0, 1, 2))
+    return np.ascontiguousarray(prepared.orientation.from_model(out))
+
+
+def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian weight map for sliding-window blending, max 1, no zeros."""
+    grids = []
+    for n in patch:
+        t = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+        sigma = max(n * sigma_scale, 1e-6)
+        grids.append(np.exp(-0.5 * (t / sigma) ** 2))
+    w = grids[0][:, None, None] * grids[1][None, :, None] * grids[2][None, None, :]
+    w /= w.max()
+    w = np.maximum(w, w[w > 0].min() if np.any(w > 0) else 1.0)
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Patch start offsets along one axis covering ``size`` with the given overlap."""
+    if size <= patch:
+        return [0]
+    n = math.ceil((size - patch) / (patch * (1.0 - overlap))) + 1
+    return sorted({int(round(s)) for s in np.linspace(0, size - patch, n)})

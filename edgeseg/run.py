@@ -1,0 +1,192 @@
+"""Running a bundle over files and folders: one outcome per series, failures never stop the rest.
+
+This is what ``edgeseg run`` and the stream service call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeseg._exceptions import EdgesegError
+from edgeseg.nifti_input import is_nifti, read_nifti
+
+log = logging.getLogger("edgeseg")
+
+DEFAULT_FORMATS = ("seg",)
+
+
+@dataclass
+class SeriesOutcome:
+    """What happened to one series. ``source`` is a non-PHI description (folder or file path as
+    the user gave it, plus series number); ``error`` is one sentence naming the file."""
+
+    source: str
+    status: str  # "ok" | "failed"
+    outputs: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    series: str | None = None  # short hash of the SeriesInstanceUID
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "series": self.series,
+            "status": self.status,
+            "error": self.error,
+            "outputs": self.outputs,
+            "timings_ms": {k: round(v, 2) for k, v in self.timings.items()},
+            "warnings": self.warnings,
+        }
+
+
+def series_stem(series_uid: str | None, fallback: str) -> str:
+    """A file stem derived from the SeriesInstanceUID by hashing: no patient data in names."""
+    key = series_uid or fallback
+    return "series-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@dataclass
+class _Job:
+    source: str
+    load: object  # callable returning a Volume
+    uid: str | None
+
+
+def _jobs(inputs: Sequence[str | Path]) -> Iterator[_Job | SeriesOutcome]:
+    """Expand inputs into per-series jobs (and outcomes for files that cannot be used)."""
+    from edgeseg.dicom import find_series, load_volume
+
+    dicom_inputs: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_file() and is_nifti(p):
+            yield _Job(str(p), (lambda p=p: read_nifti(p)), None)
+        elif not p.exists():
+            yield SeriesOutcome(str(p), "failed", error=f"{p}: no such file or folder")
+        else:
+            dicom_inputs.append(p)
+    if not dicom_inputs:
+        return
+    scan = find_series(dicom_inputs)
+    for rejected in scan.rejected:
+        yield SeriesOutcome(str(rejected.path), "failed", error=str(rejected))
+    for ref in scan.series:
+        first = Path(ref.files[0])
+        source = f"{first.parent} ({ref.label})" if ref.label else str(first.parent)
+        yield _Job(source, (lambda ref=ref: load_volume(ref)), ref.series_instance_uid)
+
+
+def process_volume(
+    segmenter,
+    volume,
+    out_dir: Path,
+    *,
+    formats=DEFAULT_FORMATS,
+    source: str = "",
+    stem=None,
+    with_confidence: bool = False,
+) -> SeriesOutcome:
+    """Segment one loaded Volume and write its outputs."""
+    from edgeseg.outputs import write_outputs
+
+    uid = volume.series_instance_uid or None
+    outcome = SeriesOutcome(source, "ok", series=series_stem(uid, source)[7:], warnings=list(volume.warnings))
+    result = segmenter.segment(volume, with_confidence=with_confidence)
+    outcome.timings.update(result.timings)
+    t = time.perf_counter()
+    spec = segmenter.spec
+    bundle = getattr(segmenter, "bundle", None)
+    paths = write_outputs(
+        result.labels,
+        volume,
+        out_dir,
+        formats=tuple(formats),
+        labels_spec=spec.labels,
+        stem=stem or series_stem(uid, source),
+        algorithm_name=bundle.name if bundle is not None else "edgeseg",
+        algorithm_version=bundle.version if bundle is not None else "0",
+        confidence=result.confidence,
+    )
+    outcome.timings["write"] = (time.perf_counter() - t) * 1e3
+    outcome.outputs = {k: str(v) for k, v in paths.items()}
+    return outcome
+
+
+def process_series(
+    segmenter, files: Sequence[str | Path], out_dir: str | Path, *, formats: Sequence[str] = DEFAULT_FORMATS
+) -> SeriesOutcome:
+    """Read one series from ``files``, segment it and write the outputs to ``out_dir``.
+
+    Never raises for bad input: the outcome says ``failed`` with a one-sentence error.
+    """
+    from edgeseg.dicom import read_volume
+
+    files = [Path(f) for f in files]
+    source = str(files[0].parent) if files else "<no files>"
+    t = time.perf_counter()
+    try:
+        volume = read_volume(files)
+    except EdgesegError as exc:
+        return SeriesOutcome(source, "failed", error=str(exc))
+    read_ms = (time.perf_counter() - t) * 1e3
+    try:
+        outcome = process_volume(segmenter, volume, Path(out_dir), formats=formats, source=source)
+    except EdgesegError as exc:
+        return SeriesOutcome(source, "failed", error=f"{source}: {exc}")
+    outcome.timings = {"read": read_ms, **outcome.timings}
+    return outcome
+
+
+def run_inputs(
+    segmenter,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    on_outcome=None,
+    with_confidence: bool = False,
+) -> list[SeriesOutcome]:
+    """Segment every series found in ``inputs``; one outcome per series or unusable file."""
+    outcomes: list[SeriesOutcome] = []
+    out_dir = Path(out_dir)
+    for job in _jobs(inputs):
+        if isinstance(job, SeriesOutcome):
+            outcome = job
+        else:
+            t = time.perf_counter()
+            try:
+                volume = job.load()  # type: ignore[operator]
+                read_ms = (time.perf_counter() - t) * 1e3
+                outcome = process_volume(
+                    segmenter,
+                    volume,
+                    out_dir,
+                    formats=formats,
+                    source=job.source,
+                    with_confidence=with_confidence,
+                )
+                outcome.timings = {"read": read_ms, **outcome.timings}
+            except EdgesegError as exc:
+                msg = str(exc)
+                outcome = SeriesOutcome(
+                    job.source, "failed", error=msg if msg.startswith(("/", ".")) else f"{job.source}: {msg}"
+                )
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+    return outcomes
+
+
+def read_any(path: str | Path):
+    """One Volume from a NIfTI file or a DICOM file/folder holding exactly one series."""
+    if is_nifti(path):
+        return read_nifti(path)
+    from edgeseg.dicom import read_volume
+
+    return read_volume([Path(path)])

@@ -1,0 +1,187 @@
+"""``build-engine``: model + spec (+ real inputs) → a verified bundle.
+
+Steps, each a plain function: export to ONNX fp32 and check it against PyTorch, then (when asked)
+derive fp16 / int8 variants in ONNX space from a calibration set and gate them on Dice against
+fp32 (see :mod:`edgeseg.calib`), then write the bundle atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeseg._exceptions import ExportError
+from edgeseg.preprocess import Preprocessor
+from edgeseg.spec import ModelSpec
+from edgeseg.volume import Volume
+
+log = logging.getLogger("edgeseg.export")
+
+
+@dataclass
+class BuildReport:
+    """What a build did, for the CLI's table and --json."""
+
+    bundle: str
+    precisions: list[str]
+    parity: dict[str, Any] | None = None
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    cpu_precision: str = "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def model_inputs_from_volume(
+    volume: Volume | Sequence[Volume], spec: ModelSpec, n: int = 2
+) -> list[np.ndarray]:
+    """Real model inputs from a real image: preprocessed exactly as the runtime will.
+
+    3D: the whole (padded) volume or up to ``n`` patches around the centre; 2D: ``n`` batches of
+    slices spread over the volume.
+    """
+    prepared = Preprocessor(spec)(volume)
+    x = prepared.array
+    if spec.dims == 2:
+        depth = x.shape[0]
+        bs = min(spec.batch_size, depth)
+        starts = np.linspace(0, max(depth - bs, 0), num=min(n, depth)).astype(int)
+        return [x[s : s + bs].copy() for s in sorted(set(starts.tolist()))]
+    if spec.patch_size is None:
+        return [x[None].copy()]
+    patch = [int(p) for p in spec.patch_size]
+    out = []
+    size = x.shape[1:]
+    for k in range(n):
+        frac = 0.5 if n == 1 else 0.3 + 0.4 * k / (n - 1)
+        s = [max(0, min(int(frac * size[i] - patch[i] / 2), size[i] - patch[i])) for i in range(3)]
+        out.append(x[None, :, s[0] : s[0] + patch[0], s[1] : s[1] + patch[1], s[2] : s[2] + patch[2]].copy())
+    return out
+
+
+def build_bundle(
+    model: Any,
+    spec: ModelSpec,
+    output: str | Path,
+    *,
+    name: str,
+    version: str = "1",
+    description: str = "",
+    parity_volumes: Sequence[Volume] | None = None,
+    parity_tolerance: float = 1e-2,
+    opset: int = 17,
+    exporter: str = "torchscript",
+    precisions: Sequence[str] = ("fp32",),
+    calibration: Any = None,
+    gate: dict[str, Any] | None = None,
+    force: bool = False,
+    progress=None,
+) -> BuildReport:
+    """Export, check, optionally quantize and gate, and write the bundle.
+
+    Parameters
+    ----------
+    model:
+        ``nn.Module``, TorchScript path, or ONNX path.
+    parity_volumes:
+        real images used for the PyTorch ↔ ONNX parity check (each one is preprocessed with the
+        spec). Without them the check runs on a deterministic random input and the report says so.
+    precisions:
+        which variants to build beyond fp32 ("fp16", "int8", or "auto" for all that pass the gate).
+    calibration:
+        a calibration set (see :mod:`edgeseg.calib`) — required for int8 and for the gate.
+    """
+    import time
+
+    from edgeseg.export.bundle_writer import write_bundle as _write
+    from edgeseg.export.onnx_export import (
+        check_parity,
+        example_shape,
+        load_torch_model,
+        onnx_from_file,
+        torch_to_onnx,
+    )
+
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    t0 = time.perf_counter()
+    is_onnx = isinstance(model, (str, Path)) and str(model).lower().endswith(".onnx")
+    inputs: list[np.ndarray] = []
+    if parity_volumes:
+        for vol in parity_volumes:
+            inputs.extend(model_inputs_from_volume(vol, spec))
+    if is_onnx:
+        fp32 = onnx_from_file(model)
+        parity = None
+    else:
+        if inputs:
+            example = inputs[0]
+        else:
+            rng = np.random.default_rng(0)
+            example = rng.standard_normal(example_shape(spec)).astype(np.float32)
+            inputs = [example]
+            warnings.append(
+                "parity checked on a random input: pass real images (--parity-input) for a real check"
+            )
+        model = load_torch_model(model)
+        fp32 = torch_to_onnx(model, example, spec, opset=opset, exporter=exporter)
+        timings["export"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        report = check_parity(model, fp32, inputs, spec, tolerance=parity_tolerance)
+        timings["parity"] = time.perf_counter() - t1
+        parity = report.to_dict()
+        if not report.passed:
+            raise ExportError(
+                f"the ONNX model disagrees with PyTorch: max relative error {report.max_rel:.2e} "
+                f"(tolerance {parity_tolerance:.0e}), label agreement {report.label_agreement:.4%} "
+                f"(minimum {report.min_label_agreement:.1%})"
+            )
+    models = {"fp32": fp32}
+    accuracy: dict[str, Any] = {}
+    runtime = {"cpu_precision": "fp32"}
+    provenance: dict[str, Any] = {"parity": parity, "source": "onnx" if is_onnx else "torch"}
+    wanted = [p for p in precisions if p != "fp32"]
+    if wanted:
+        try:
+            from edgeseg.calib.precision import build_precisions
+        except ImportError as exc:
+            raise ExportError(f"precision variants need edgeseg.calib ({exc})") from None
+        extra = build_precisions(
+            fp32, spec, wanted, calibration=calibration, gate=gate or {}, force=force, progress=progress
+        )
+        models.update(extra.models)
+        accuracy = extra.accuracy
+        runtime.update(extra.runtime)
+        provenance.update(extra.provenance)
+        warnings.extend(extra.warnings)
+        timings.update(extra.timings)
+    t2 = time.perf_counter()
+    _write(
+        output,
+        spec=spec,
+        models=models,
+        name=name,
+        version=version,
+        description=description,
+        provenance=provenance,
+        accuracy=accuracy,
+        runtime=runtime,
+    )
+    timings["write"] = time.perf_counter() - t2
+    timings["total"] = time.perf_counter() - t0
+    return BuildReport(
+        bundle=str(output),
+        precisions=list(models),
+        parity=parity,
+        accuracy=accuracy,
+        timings_s=timings,
+        warnings=warnings,
+        cpu_precision=runtime["cpu_precision"],
+    )
