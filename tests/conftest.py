@@ -29,3 +29,42 @@ def dicom_data() -> Path:
 @pytest.fixture
 def seg_data() -> Path:
     return shared_path("seg")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real pretrained model: deepbet's brain-mask network (MIT), shipped inside the deepbet wheel.
+
+BRAIN_SPEC = REPO / "examples" / "brain_extraction" / "spec.json"
+
+
+def deepbet_model_path() -> Path | None:
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("deepbet") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == "bbox_model.pt":
+            return Path(f.locate()).resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def brain_model() -> Path:
+    path = deepbet_model_path()
+    if path is None:
+        pytest.skip("deepbet is not installed (pip install --no-deps deepbet==1.0.2): no pretrained model")
+    return path
+
+
+@pytest.fixture(scope="session")
+def brain_bundle(tmp_path_factory, brain_model) -> Path:
+    """A bundle built from deepbet's pretrained TorchScript model (fp32, parity on a random input)."""
+    pytest.importorskip("torch")
+    from edgeseg.export.build import build_bundle
+    from edgeseg.spec import load_spec
+
+    out = tmp_path_factory.mktemp("bundles") / "brain.edgeseg"
+    build_bundle(brain_model, load_spec(str(BRAIN_SPEC)), out, name="deepbet-brain-mask", version="1.0.2")
+    return out
