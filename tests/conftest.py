@@ -63,8 +63,16 @@ def brain_bundle(tmp_path_factory, brain_model) -> Path:
     """A bundle built from deepbet's pretrained TorchScript model (fp32, parity on a random input)."""
     pytest.importorskip("torch")
     from edgeseg.export.build import build_bundle
+
     from edgeseg.spec import load_spec
 
     out = tmp_path_factory.mktemp("bundles") / "brain.edgeseg"
     build_bundle(brain_model, load_spec(str(BRAIN_SPEC)), out, name="deepbet-brain-mask", version="1.0.2")
     return out
+
+
+@pytest.fixture(scope="session")
+def brain_spec():
+    from edgeseg.spec import load_spec
+
+    return load_spec(str(BRAIN_SPEC))
