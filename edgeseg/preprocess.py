@@ -184,13 +184,22 @@ class Preprocessor:
     def _channel(
         self, vol: Volume, orient: Orientation, grid: tuple[int, int, int], steps: list[object]
     ) -> np.ndarray:
-        values = vol.modality_values()
-        x = orient.to_model(values)
         axes = (1, 2) if self.spec.dims == 2 else (0, 1, 2)
-        x = resample(x, tuple(grid[a] for a in axes), self.spec.interpolation, axes)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x is values and not orient.is_identity:  # pragma: no cover - defensive
-            x = x.copy()
+        out_shape = tuple(grid[a] for a in axes)
+        mode = self.spec.interpolation
+        uniform = bool(np.all(vol.slope == vol.slope[0]) and np.all(vol.intercept == vol.intercept[0]))
+        if uniform:
+            # Rescale is one affine map, which commutes with resampling: resample the stored
+            # values (2 bytes a voxel, usually a smaller grid) and rescale only the result.
+            x = resample(orient.to_model(vol.stored), out_shape, mode, axes)
+            x = np.array(x, dtype=np.float32, copy=True, order="C")
+            if vol.slope[0] != 1.0:
+                x *= np.float32(vol.slope[0])
+            if vol.intercept[0] != 0.0:
+                x += np.float32(vol.intercept[0])
+        else:
+            x = resample(orient.to_model(vol.modality_values()), out_shape, mode, axes)
+            x = np.array(x, dtype=np.float32, copy=True, order="C")
         return apply_intensity(x, steps)
 
 
@@ -205,6 +214,18 @@ def softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     return e
 
 
+def argmax_channels(output: np.ndarray) -> np.ndarray:
+    """``np.argmax(output, axis=1)`` as uint8, by a running max over channels: contiguous passes
+    instead of a strided reduction (several times faster for the few channels of a segmenter)."""
+    best = output[:, 0].copy()
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    for k in range(1, output.shape[1]):
+        better = output[:, k] > best
+        labels[better] = k
+        np.copyto(best, output[:, k], where=better)
+    return labels
+
+
 def to_labels(
     output: np.ndarray, spec: ModelSpec, *, with_confidence: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -214,7 +235,7 @@ def to_labels(
             raise SpecError(
                 "the network returns 1 channel but the spec asks for 'argmax'; use output 'threshold'"
             )
-        labels = np.argmax(output, axis=1).astype(np.uint8)
+        labels = argmax_channels(output)
         conf = None
         if with_confidence:
             probs = output if spec.activation == "softmax" else softmax(output, axis=1)
