@@ -47,7 +47,7 @@ def write_png_montage(
         most slices shown; all slices when the Volume has no more.
     window:
         (center, width) in modality units (HU for CT); None picks the 1st–99th percentile of
-        the shown slices.
+        the shown slices, leaving out voxels at their minimum (padding, outside the field of view).
     tile_size:
         long side of each tile in pixels (aspect follows the pixel spacing); None keeps the
         slice's own size (and ignores pixel spacing).
@@ -123,7 +123,10 @@ def _window(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarra
     """(n, y, x) float32 modality values → uint8 grey, by window or 1st–99th percentile."""
     if window is None:
         finite = values[np.isfinite(values)]
-        lo, hi = np.percentile(finite, [1.0, 99.0]) if finite.size else (0.0, 1.0)
+        # Padding and the air outside the field of view sit at the minimum; leaving them out
+        # keeps them from stretching the window over nothing.
+        inside = finite[finite > finite.min()] if finite.size else finite
+        lo, hi = np.percentile(inside, [1.0, 99.0]) if inside.size else (0.0, 1.0)
     else:
         center, width = (float(w) for w in window)
         if width <= 0:

@@ -138,7 +138,7 @@ def write_seg(
                 device_serial_number="0",
                 plane_positions=placement.plane_positions,
                 # All-empty input keeps its single plane of empty frames (see the module docstring).
-            omit_empty_frames=not empty,
+                omit_empty_frames=not empty,
                 series_description=series_description,
                 specific_character_set=_character_set(hd, first),
             )
