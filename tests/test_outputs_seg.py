@@ -238,3 +238,46 @@ def test_reading_falls_back_to_plane_positions(ct3, liver):
     shifted = dataclasses.replace(renamed, affine=shifted_affine)
     with pytest.raises(OutputError, match="lies on none of the Volume's slices"):
         read_seg_labels(ref, shifted)
+
+
+def test_reads_a_labelmap_seg_written_by_highdicom(ct3, liver, tmp_path):
+    """LABELMAP SEGs (pixel value = segment number) are read too, e.g. from newer tools."""
+    from pydicom.sr.codedict import codes
+
+    volume, _ = ct3
+    labels = liver.copy()
+    labels[:, 200:260, 300:380] = 2
+    by_uid = {h.SOPInstanceUID: h for h in volume.headers}
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=name,
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type="MANUAL",
+        )
+        for n, name in ((1, "one"), (2, "two"))
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seg = hd.seg.Segmentation(
+            source_images=[by_uid[u] for u in volume.sop_instance_uids],
+            pixel_array=labels,
+            segmentation_type="LABELMAP",
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=2,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="test",
+            manufacturer_model_name="test",
+            software_versions="0",
+            device_serial_number="0",
+            specific_character_set="ISO_IR 100",
+        )
+    seg.save_as(tmp_path / "labelmap.dcm")
+    spec = [Label(3, "one"), Label(9, "two")]
+    expected = np.select([labels == 1, labels == 2], [3, 9], 0).astype(np.uint8)
+    np.testing.assert_array_equal(
+        read_seg_labels(tmp_path / "labelmap.dcm", volume, labels_spec=spec), expected
+    )

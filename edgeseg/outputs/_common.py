@@ -107,11 +107,22 @@ def segment_map(labels: np.ndarray, labels_spec: Sequence[Label]) -> np.ndarray:
     OutputError
         a foreground value that no Label describes.
     """
-    segments = value_lut(labels_spec)[labels]
+    values = [int(lab.value) for lab in labels_spec]
+    if values == list(range(1, len(values) + 1)):
+        # The usual case (labels 1..N in order): segment numbers are the label values.
+        if labels.size == 0 or int(labels.max()) <= len(values):
+            return labels
+        segments = np.where(labels > len(values), 0, labels)
+    else:
+        lut = value_lut(labels_spec)
+        segments = np.empty_like(labels)
+        # In blocks of slices: indexing with a whole uint8 volume would build an int64 copy of it.
+        for z in range(0, labels.shape[0], 16):
+            np.take(lut, labels[z : z + 16], out=segments[z : z + 16])
     if np.count_nonzero(segments) != np.count_nonzero(labels):
         unknown = np.unique(labels[(segments == 0) & (labels != 0)])
         raise OutputError(
             f"the label map holds value(s) {unknown.tolist()} that no label in 'labels_spec' describes "
-            f"(described: {[int(lab.value) for lab in labels_spec]}); fix the spec or the labels"
+            f"(described: {values}); fix the spec or the labels"
         )
     return segments
