@@ -100,7 +100,7 @@ def write_seg(
     hd = _highdicom()
     spec = check_labels_spec(labels_spec)
     labels = check_labels(labels, volume)
-    # Label value → segment number in one table lookup (no per-slice or per-label loop).
+    # Label value → segment number, vectorised (the labels themselves when values are 1..N).
     segment_numbers = segment_map(labels, spec)
     for name, value in (("algorithm_name", algorithm_name), ("algorithm_version", algorithm_version)):
         if not value or len(str(value)) > _LO_MAX:
