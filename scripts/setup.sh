@@ -12,4 +12,8 @@ $PIP install -q -e ".[export,quickstart,dev]"
 # deepbet ships the quickstart's pretrained weights inside its wheel; its own GUI/runtime
 # dependencies are not needed to read them.
 $PIP install -q --no-deps "deepbet==1.0.2"
+# nnU-Net's network definitions without timm → torchvision, which would replace the CPU torch
+# with a CUDA build (PlainConvUNet needs neither).
+$PIP install -q "monai>=1.4" "einops"
+$PIP install -q --no-deps "dynamic-network-architectures==0.4.4"
 .venv/bin/python -c "import edgeseg, onnxruntime; print('edgeseg', edgeseg.__version__, 'with onnxruntime', onnxruntime.__version__)"

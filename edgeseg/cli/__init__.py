@@ -32,6 +32,11 @@ def main(verbose: int) -> None:
     """edgeseg: medical image segmentation at the edge (DICOM in, DICOM SEG out)."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # pydicom logs decoder failures with tracebacks and quotes header values in its warnings;
+    # edgeseg reports those files itself in one line, so pydicom only speaks at -vv.
+    import pydicom.config  # noqa: F401  (it sets its logger's level on import: set ours after)
+
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)
 
 
 def _register() -> None:
