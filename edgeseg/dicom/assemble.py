@@ -145,7 +145,7 @@ def _load(ref: SeriesRef) -> Volume:
     files = [Path(p) for p in ref.files]
     if not files:
         raise DicomInputError(None, f"series part '{ref.label}' has no files")
-    datasets = [_read(p) for p in files]
+    datasets = [ref.datasets.get(p) or _read(p) for p in files]  # the scan parsed most already
     shape = (int(datasets[0].Rows), int(datasets[0].Columns))
     slices: list[_Slice] = []
     for fi, (path, ds) in enumerate(zip(files, datasets, strict=True)):

@@ -48,6 +48,8 @@ class SeriesRef:
     files: list[Path]
     n_instances: int
     label: str
+    # Datasets parsed by the scan (pixel data deferred), so loading does not parse them again.
+    datasets: dict[Path, Dataset] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class _Instance:
     instance_number: int
     series_number: str
     description: str
+    dataset: Dataset | None = None  # the whole file, pixel data deferred: load reuses it
 
 
 # -- reading headers --------------------------------------------------------------------
@@ -109,14 +112,29 @@ def quiet_pydicom() -> Iterator[None]:
         yield
 
 
-def read_header(path: Path) -> Dataset | None:
-    """The header of ``path`` without pixel data, or None when it is not a DICOM file.
+# Values larger than this stay on disk until used (pixel data): a scan parses each file once
+# and loading reuses the dataset, reading only the pixel bytes.
+DEFER_SIZE = "64 KB"
+
+
+def read_header(path: Path, *, keep_dataset: bool = False) -> Dataset | None:
+    """The header of ``path``, or None when it is not a DICOM file.
+
+    With ``keep_dataset`` the whole file is parsed with large values deferred (so the dataset
+    can be decoded later without parsing again); otherwise parsing stops before the pixel data.
 
     Raises
     ------
     DicomInputError
         When the file claims to be DICOM but its header cannot be parsed.
     """
+    if keep_dataset:
+        try:
+            ds = quiet_dcmread(path, defer_size=DEFER_SIZE)
+            if "SOPInstanceUID" in ds:
+                return ds
+        except Exception:
+            pass  # the header-only read below reports (or forgives) what is wrong
     try:
         return quiet_dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
@@ -203,6 +221,7 @@ def _instance(path: Path, ds: Dataset) -> _Instance:
         instance_number=number,
         series_number=str(ds.get("SeriesNumber", "") or ""),
         description=str(ds.get("SeriesDescription", "") or "").strip(),
+        dataset=ds if "PixelData" in ds else None,
     )
 
 
@@ -340,6 +359,7 @@ def _group(instances: list[_Instance]) -> list[SeriesRef]:
                     files=[i.path for i in part],
                     n_instances=len(part),
                     label=_label(part[0], index, len(parts), why),
+                    datasets={i.path: i.dataset for i in part if i.dataset is not None},
                 )
             )
     return refs
@@ -379,7 +399,7 @@ def _find_series(inputs: list[str | Path]) -> ScanResult:
             continue
         seen.add(key)
         try:
-            ds = read_header(path)
+            ds = read_header(path, keep_dataset=True)
         except DicomInputError as err:
             result.rejected.append(err)
             continue
