@@ -141,3 +141,38 @@ def spacing_to_shape(
 ) -> tuple[int, ...]:
     """Grid size that covers the same extent at ``target_spacing``."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
+
+
+def world_resample(
+    source: np.ndarray,
+    source_affine: np.ndarray,
+    target_shape: tuple[int, int, int],
+    target_affine: np.ndarray,
+) -> np.ndarray:
+    """Trilinear resampling of a (z, y, x) array onto another grid through patient space.
+
+    Both affines map (x, y, z, 1) voxel indices to LPS mm (the Volume convention). Points that
+    fall outside the source take the nearest edge value. Done one target slice at a time so
+    memory stays at a few slices.
+    """
+    to_source = np.linalg.inv(source_affine) @ target_affine
+    nz, ny, nx = target_shape
+    sz, sy, sx = source.shape
+    yy, xx = np.meshgrid(np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64), indexing="ij")
+    out = np.empty(target_shape, dtype=np.float32)
+    src = source.astype(np.float32, copy=False)
+    for k in range(nz):
+        pts = to_source[:3, 0, None, None] * xx + to_source[:3, 1, None, None] * yy
+        pts += (to_source[:3, 2] * k + to_source[:3, 3])[:, None, None]
+        x = np.clip(pts[0], 0, sx - 1)
+        y = np.clip(pts[1], 0, sy - 1)
+        z = np.clip(pts[2], 0, sz - 1)
+        x0, y0, z0 = (np.floor(v).astype(np.int64) for v in (x, y, z))
+        x1, y1, z1 = np.minimum(x0 + 1, sx - 1), np.minimum(y0 + 1, sy - 1), np.minimum(z0 + 1, sz - 1)
+        fx, fy, fz = (v - np.floor(v) for v in (x, y, z))
+        c00 = src[z0, y0, x0] * (1 - fx) + src[z0, y0, x1] * fx
+        c01 = src[z0, y1, x0] * (1 - fx) + src[z0, y1, x1] * fx
+        c10 = src[z1, y0, x0] * (1 - fx) + src[z1, y0, x1] * fx
+        c11 = src[z1, y1, x0] * (1 - fx) + src[z1, y1, x1] * fx
+        out[k] = (c00 * (1 - fy) + c01 * fy) * (1 - fz) + (c10 * (1 - fy) + c11 * fy) * fz
+    return out

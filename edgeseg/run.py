@@ -58,7 +58,17 @@ class _Job:
     uid: str | None
 
 
-def _jobs(inputs: Sequence[str | Path]) -> Iterator[_Job | SeriesOutcome]:
+def _jobs(inputs: Sequence[str | Path], spec=None) -> Iterator[_Job | SeriesOutcome]:
+    if spec is not None and spec.in_channels > 1:
+        from edgeseg.multichannel import multichannel_jobs
+
+        for item in multichannel_jobs(inputs, spec):
+            yield item if isinstance(item, SeriesOutcome) else _Job(*item)
+        return
+    yield from _single_jobs(inputs)
+
+
+def _single_jobs(inputs: Sequence[str | Path]) -> Iterator[_Job | SeriesOutcome]:
     """Expand inputs into per-series jobs (and outcomes for files that cannot be used)."""
     from edgeseg.dicom import find_series, load_volume
 
@@ -84,7 +94,7 @@ def _jobs(inputs: Sequence[str | Path]) -> Iterator[_Job | SeriesOutcome]:
 
 def process_volume(
     segmenter,
-    volume,
+    volumes,
     out_dir: Path,
     *,
     formats=DEFAULT_FORMATS,
@@ -92,12 +102,14 @@ def process_volume(
     stem=None,
     with_confidence: bool = False,
 ) -> SeriesOutcome:
-    """Segment one loaded Volume and write its outputs."""
+    """Segment one loaded Volume (or the co-registered Volumes of a multimodal model, first one
+    first) and write its outputs, which reference the first volume."""
     from edgeseg.outputs import write_outputs
 
+    volume = volumes[0] if isinstance(volumes, (list, tuple)) else volumes
     uid = volume.series_instance_uid or None
     outcome = SeriesOutcome(source, "ok", series=series_stem(uid, source)[7:], warnings=list(volume.warnings))
-    result = segmenter.segment(volume, with_confidence=with_confidence)
+    result = segmenter.segment(volumes, with_confidence=with_confidence)
     outcome.timings.update(result.timings)
     t = time.perf_counter()
     spec = segmenter.spec
@@ -155,7 +167,7 @@ def run_inputs(
     """Segment every series found in ``inputs``; one outcome per series or unusable file."""
     outcomes: list[SeriesOutcome] = []
     out_dir = Path(out_dir)
-    for job in _jobs(inputs):
+    for job in _jobs(inputs, segmenter.spec):
         if isinstance(job, SeriesOutcome):
             outcome = job
         else:

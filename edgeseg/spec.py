@@ -139,6 +139,10 @@ class ModelSpec:
     output:
         "argmax" (multi-class channels, channel 0 background) or "threshold" (per-channel
         sigmoid/probability > ``threshold``, later channels win).
+    channels:
+        for multimodal models, one case-insensitive regular expression per input channel matched
+        against each series' SeriesDescription, e.g. ``["t1", "flair"]``: ``edgeseg run`` picks
+        the matching series of each study and resamples them onto the first channel's grid.
     """
 
     dims: Literal[2, 3]
@@ -160,6 +164,7 @@ class ModelSpec:
     threshold: float = 0.5
     input_name: str = "image"
     output_name: str = "logits"
+    channels: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -197,6 +202,20 @@ class ModelSpec:
                 f"'per_channel_intensity' has {len(self.per_channel_intensity)} entries for "
                 f"{self.in_channels} input channels"
             )
+        if self.channels is not None:
+            if len(self.channels) != self.in_channels:
+                raise SpecError(
+                    f"'channels' has {len(self.channels)} patterns for {self.in_channels} input channels"
+                )
+            import re
+
+            for pattern in self.channels:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise SpecError(
+                        f"'channels' pattern {pattern!r} is not a valid regular expression ({exc})"
+                    ) from None
         values = [lab.value for lab in self.labels]
         if not values:
             raise SpecError("'labels' must name at least one foreground label")
