@@ -250,9 +250,8 @@ def _build(case: Case, path: Path) -> dict[str, Any]:
     """fp32 bundle (parity on the real series), then int8 when edgeseg.calib can build it."""
     import logging
 
-    from edgeseg.export.build import build_bundle
-
     from edgeseg.dicom import read_volume
+    from edgeseg.export.build import build_bundle
 
     logging.getLogger("edgeseg").setLevel(logging.ERROR)
     volume = read_volume(case.files)

@@ -63,7 +63,6 @@ def brain_bundle(tmp_path_factory, brain_model) -> Path:
     """A bundle built from deepbet's pretrained TorchScript model (fp32, parity on a random input)."""
     pytest.importorskip("torch")
     from edgeseg.export.build import build_bundle
-
     from edgeseg.spec import load_spec
 
     out = tmp_path_factory.mktemp("bundles") / "brain.edgeseg"

@@ -2,10 +2,10 @@ import json
 import zipfile
 
 import pytest
-from edgeseg.export.bundle_writer import write_bundle
 
 from edgeseg import BundleError
 from edgeseg.bundle import Bundle
+from edgeseg.export.bundle_writer import write_bundle
 from edgeseg.spec import Label, ModelSpec
 
 onnx = pytest.importorskip("onnx")

@@ -10,10 +10,9 @@ torch = pytest.importorskip("torch")
 
 
 def test_torchscript_export_has_parity_on_a_real_series(brain_model, brain_spec, dicom_data):
+    from edgeseg.dicom import read_volume
     from edgeseg.export.build import model_inputs_from_volume
     from edgeseg.export.onnx_export import check_parity, load_torch_model, torch_to_onnx
-
-    from edgeseg.dicom import read_volume
 
     spec = brain_spec
     vol = read_volume(dicom_data / "dcm_qa_decubitus" / "HFS_t1_fl2d_sag")
@@ -40,6 +39,7 @@ class _TwoHeads(torch.nn.Module):
 
 def test_multi_output_models_keep_the_first_output():
     import onnx
+
     from edgeseg.export.onnx_export import torch_to_onnx
 
     spec = ModelSpec(dims=2, labels=[Label(1, "a")], target_shape=(16, 16))
