@@ -32,9 +32,12 @@ class DicomInputError(EdgesegError):
     both, so a CLI can print one line per failure.
     """
 
-    def __init__(self, path: str | Path | None, reason: str):
+    def __init__(self, path: str | Path | None, reason: str, *, not_an_image: bool = False):
         self.path = None if path is None else str(path)
         self.reason = reason
+        # A valid DICOM object that is simply not an image (SEG, RTSTRUCT, SR…): callers may
+        # skip it rather than count it as a failure.
+        self.not_an_image = not_an_image
         super().__init__(f"{self.path}: {reason}" if self.path else reason)
 
 

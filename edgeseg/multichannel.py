@@ -86,7 +86,8 @@ def multichannel_jobs(inputs: Sequence[str | Path], spec: ModelSpec) -> Iterator
         )
     scan = find_series(others)
     for rejected in scan.rejected:
-        yield SeriesOutcome(str(rejected.path), "failed", error=str(rejected))
+        status = "skipped" if rejected.not_an_image else "failed"
+        yield SeriesOutcome(str(rejected.path), status, error=str(rejected))
     studies: dict[str, list] = defaultdict(list)
     for ref in scan.series:
         studies[_study(ref)].append(ref)

@@ -26,7 +26,7 @@ class SeriesOutcome:
     the user gave it, plus series number); ``error`` is one sentence naming the file."""
 
     source: str
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "skipped" (a DICOM object that is not an image: SEG, SR…)
     outputs: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -85,7 +85,8 @@ def _single_jobs(inputs: Sequence[str | Path]) -> Iterator[_Job | SeriesOutcome]
         return
     scan = find_series(dicom_inputs)
     for rejected in scan.rejected:
-        yield SeriesOutcome(str(rejected.path), "failed", error=str(rejected))
+        status = "skipped" if rejected.not_an_image else "failed"
+        yield SeriesOutcome(str(rejected.path), status, error=str(rejected))
     for ref in scan.series:
         first = Path(ref.files[0])
         source = f"{first.parent} ({ref.label})" if ref.label else str(first.parent)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -91,15 +90,22 @@ def run(
 
     seg = Segmenter.open(bundle, backend=backend, precision=precision, threads=threads)
     failures: list[str] = []
+    counter = {"n": 0}
 
     def report(outcome):
-        if outcome.status != "ok":
+        counter["n"] += 1
+        if outcome.status == "skipped":
+            if not as_json:
+                click.echo(f"[{counter['n']}] skipped {outcome.error}")
+        elif outcome.status != "ok":
             failures.append(outcome.error or outcome.source)
             if not as_json:
-                click.echo(f"FAILED {outcome.error}", err=True)
+                click.echo(f"[{counter['n']}] FAILED {outcome.error}", err=True)
         elif not as_json:
             ms = sum(outcome.timings.values())
-            click.echo(f"ok     {outcome.source} → {', '.join(outcome.outputs.values())} ({ms:.0f} ms)")
+            click.echo(
+                f"[{counter['n']}] ok {outcome.source} → {', '.join(outcome.outputs.values())} ({ms:.0f} ms)"
+            )
             for w in outcome.warnings:
                 click.echo(f"       warning: {w}", err=True)
 
@@ -107,13 +113,16 @@ def run(
         seg, inputs, Path(out_dir), formats=fmt, on_outcome=report, with_confidence=confidence
     )
     ok = [o for o in outcomes if o.status == "ok"]
+    skipped = [o for o in outcomes if o.status == "skipped"]
+    n_failed = len(outcomes) - len(ok) - len(skipped)
     if as_json:
         echo_json(
             {
                 "backend": seg.describe(),
                 "outcomes": [o.to_dict() for o in outcomes],
                 "succeeded": len(ok),
-                "failed": len(outcomes) - len(ok),
+                "failed": n_failed,
+                "skipped": len(skipped),
             }
         )
     else:
@@ -125,8 +134,10 @@ def run(
                     rows.append([stage, f"{sum(vals) / len(vals):.1f}"])
             rows.append(["total", f"{sum(sum(o.timings.values()) for o in ok) / len(ok):.1f}"])
             click.echo(table(rows, ["stage", "mean ms / series"]))
-        click.echo(
-            f"{len(ok)} series succeeded, {len(outcomes) - len(ok)} failed ({json.dumps(seg.describe())})"
-        )
+        d = seg.describe()
+        where = ", ".join(str(d[k]) for k in ("model", "backend", "precision", "device") if d.get(k))
+        threads = f", {d['threads']} threads" if d.get("threads") else ""
+        tail = f", {len(skipped)} non-image object(s) skipped" if skipped else ""
+        click.echo(f"{len(ok)} series succeeded, {n_failed} failed{tail} ({where}{threads})")
     seg.close()
-    sys.exit(1 if failures or not outcomes else 0)
+    sys.exit(1 if failures or not ok else 0)

@@ -421,7 +421,10 @@ def _find_series(inputs: list[str | Path]) -> ScanResult:
             continue
         reason = unusable_reason(ds)
         if reason:
-            result.rejected.append(DicomInputError(path, reason))
+            modality = str(ds.get("Modality", "") or "").upper()
+            result.rejected.append(
+                DicomInputError(path, reason, not_an_image=modality in NON_IMAGE_MODALITIES)
+            )
             continue
         instances.append(_instance(path, ds))
     result.series = _group(instances)
