@@ -1,0 +1,169 @@
+"""The worker: completes series, runs the processor on each, records the result.
+
+One thread, so the segmenter (one model, one device) is never entered twice at once. The
+journal is the queue: complete series wait there, durably; the worker takes at most
+``batch`` of them per look, oldest first, so memory stays bounded whatever the backlog.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgeseg.stream._log import event
+from edgeseg.stream.journal import Claim
+from edgeseg.stream.spool import Spool
+
+
+class Outcome(Protocol):
+    """What a processor returns (``edgeseg.run.SeriesOutcome`` fits)."""
+
+    status: str  # "ok" | "failed"
+    outputs: dict[str, Any]
+    error: str | None
+    timings: dict[str, float]
+
+
+Processor = Callable[[list[Path], Path], Outcome]
+
+
+class Worker:
+    """Turns complete series into outputs.
+
+    Parameters
+    ----------
+    spool:
+        Spool and journal.
+    processor:
+        ``processor(files, out_dir) -> Outcome``; ``status == "failed"`` quarantines the
+        series with ``error`` as the reason. An exception is taken as transient (e.g. the
+        device is busy) and retried with back-off, up to ``max_attempts``, then quarantined.
+    out_dir:
+        Where outputs go.
+    series_timeout_s:
+        Quiet period that completes a receiving series.
+    forward:
+        Destinations (``AE@HOST:PORT``) each successful result's outputs are queued for.
+    forward_formats:
+        Which outputs are forwarded (DICOM SEG only: PACS takes DICOM).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        processor: Processor,
+        out_dir: str | Path,
+        *,
+        series_timeout_s: float = 5.0,
+        forward: Sequence[str] = (),
+        forward_formats: Sequence[str] = ("seg",),
+        max_attempts: int = 3,
+        poll_s: float = 0.1,
+        batch: int = 4,
+    ):
+        self.spool = spool
+        self.journal = spool.journal
+        self.processor = processor
+        self.out_dir = Path(out_dir)
+        self.series_timeout_s = series_timeout_s
+        self.forward = list(forward)
+        self.forward_formats = tuple(forward_formats)
+        self.max_attempts = max_attempts
+        self.poll_s = poll_s
+        self.batch = batch
+        self.done = 0
+        self.failed = 0
+        self.busy = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="edgeseg-worker", daemon=True)
+
+    # -- thread --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        """Finish the series in hand (it is checkpointed in the journal either way), then stop."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.step() == 0:
+                self._stop.wait(self.poll_s)
+
+    # -- one step --------------------------------------------------------------------------------
+    def step(self, *, all_receiving: bool = False) -> int:
+        """Complete what is due, then process up to ``batch`` ready series; returns how many ran."""
+        now = time.time()
+        for key in self.journal.mark_complete(now, self.series_timeout_s, all_receiving=all_receiving):
+            event("series_complete", series=key[:12])
+        ran = 0
+        for key in self.journal.ready(now, self.batch):
+            if self._stop.is_set():
+                break
+            claim = self.journal.claim(key)
+            if claim is not None:
+                self._run(claim)
+                ran += 1
+        return ran
+
+    def _run(self, claim: Claim) -> None:
+        files = self.spool.files(claim.series_key, claim.instance_keys)
+        key = claim.series_key
+        self.busy = True
+        t0 = time.perf_counter()
+        try:
+            outcome = self.processor(files, self.out_dir)
+        except Exception as exc:  # noqa: BLE001 (a processor bug must not stop the service)
+            self._transient(claim, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return
+        finally:
+            self.busy = False
+        ms = (time.perf_counter() - t0) * 1e3
+        if outcome.status != "ok":
+            self.failed += 1
+            reason = outcome.error or "the series could not be processed"
+            self.spool.quarantine(key, _scrub(reason, self.spool.root), generation=claim.generation)
+            return
+        latency_ms = (time.time() - claim.last_received) * 1e3
+        outputs = {k: str(v) for k, v in outcome.outputs.items()}
+        forward = [(outputs[f], d) for f in self.forward_formats if f in outputs for d in self.forward]
+        if self.journal.finish_ok(claim, outputs, latency_ms=latency_ms, forward=forward):
+            self.done += 1
+            event(
+                "segmented",
+                series=key[:12],
+                instances=len(files),
+                run_ms=round(ms, 1),
+                latency_ms=round(latency_ms, 1),
+                outputs=",".join(sorted(outputs)),
+                forwards=len(forward) or None,
+            )
+        else:
+            # A late instance arrived while we ran: the new generation runs after its quiet period.
+            event("series_superseded", series=key[:12])
+
+    def _transient(self, claim: Claim, reason: str) -> None:
+        attempts = self.journal.attempts(claim.series_key)
+        if attempts >= self.max_attempts:
+            self.failed += 1
+            self.spool.quarantine(
+                claim.series_key,
+                f"failed {attempts} times; last error: {reason}",
+                generation=claim.generation,
+            )
+            return
+        delay = min(60.0, 2.0**attempts)
+        self.journal.retry_later(claim, reason, delay)
+        event(
+            "series_retry", logging.WARNING, series=claim.series_key[:12], attempt=attempts, retry_in_s=delay
+        )
+
+
+def _scrub(reason: str, spool_root: Path) -> str:
+    # Errors name the spooled file; make that relative to the spool (the name is a hash).
+    return reason.replace(str(spool_root) + "/", "")
