@@ -18,6 +18,9 @@ struct PostParams {
     float threshold;
 };
 
+// Layout guard: must equal ctypes.sizeof(edgeseg.cuda.module.PostParams).
+static_assert(sizeof(PostParams) == 88, "PostParams layout changed: update edgeseg/cuda/module.py");
+
 template <typename T>
 __device__ __forceinline__ float load(const T* p, i64 i);
 template <>

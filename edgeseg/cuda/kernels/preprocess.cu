@@ -41,6 +41,9 @@ struct PreParams {
     int unused;
 };
 
+// Layout guard: must equal ctypes.sizeof(edgeseg.cuda.module.PreParams).
+static_assert(sizeof(PreParams) == 208, "PreParams layout changed: update edgeseg/cuda/module.py");
+
 __device__ float apply_ops(float x, const float* ops, int n_ops, const float* stats) {
     for (int i = 0; i < n_ops; ++i) {
         const float* op = ops + OP_WIDTH * i;
