@@ -124,3 +124,38 @@ class PacsStub:
         if self._server is not None:
             self._server.shutdown()
             self._ae.shutdown()
+
+
+def wait_for(condition, timeout_s: float = 20.0, poll_s: float = 0.05) -> bool:
+    """Poll ``condition()`` until true or ``timeout_s`` passes; returns its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+
+
+def count_processor(files: list[Path], out_dir: Path):
+    """A processor doing real, checkable work without a model: it reads every file's header
+    and pixel data and writes ``<series>.json`` with the instance numbers it found."""
+    import json
+
+    import pydicom
+
+    from edgeseg.run import SeriesOutcome
+
+    numbers = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f))
+            _ = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001
+            return SeriesOutcome(str(f.parent), "failed", error=f"{f.name}: {type(exc).__name__}")
+        numbers.append(int(ds.get("InstanceNumber", 0) or 0))
+    out = Path(out_dir) / f"{Path(files[0]).parent.name}.json"
+    out.write_text(json.dumps(sorted(numbers)))
+    return SeriesOutcome(str(Path(files[0]).parent), "ok", outputs={"json": out})
