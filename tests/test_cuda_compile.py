@@ -51,7 +51,9 @@ def nvrtc12_run():
     if path is None:
         yield None
         return
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, path, *ARCHES_12], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, path, *ARCHES_12], stdout=subprocess.PIPE, text=True
+    )
     yield proc
     proc.kill() if proc.poll() is None else None
 
