@@ -351,10 +351,14 @@ class Journal:
     # -- restart and reporting -----------------------------------------------------------------
     def recover(self) -> list[str]:
         """After a crash: series caught in processing go back to complete (they run again from
-        their spooled files; outputs are written atomically, so a half run leaves nothing)."""
+        their spooled files; outputs are written atomically, so a half run leaves nothing), and
+        receiving series get a fresh quiet period."""
         with self._tx() as db:
             keys = [r[0] for r in db.execute("SELECT key FROM series WHERE state='processing'")]
             db.execute("UPDATE series SET state='complete', not_before=0 WHERE state='processing'")
+            # A series cut off mid-transfer must not count as quiet because we were down: its
+            # sender resends the rest after we are back, and the quiet period starts now.
+            db.execute("UPDATE series SET last_received=? WHERE state='receiving'", (time.time(),))
         return keys
 
     def known_instances(self) -> set[str]:
