@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--status-interval", type=float, default=10.0)
     p.add_argument("--once", action="store_true")
+    p.add_argument("--frames", default=None, metavar="SOURCE", help="cine DICOM, video file or device number")
     a = p.parse_args(argv)
+    if a.frames:
+        from edgeseg.stream.cli_support import serve_frames
+
+        return serve_frames(a.bundle, a.frames, out_dir=a.out_dir, backend=a.backend)
     return serve(
         a.bundle,
         listen=a.listen,
