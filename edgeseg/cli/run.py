@@ -37,6 +37,13 @@ STAGES = ("read", "preprocess", "h2d", "infer", "postprocess", "d2h", "write")
     "--spool", default=None, type=click.Path(file_okay=False), help="Spool folder (default: OUT/.spool)."
 )
 @click.option("--once", is_flag=True, help="With --listen/--watch: process what is complete, then exit.")
+@click.option(
+    "--frames",
+    default=None,
+    metavar="SOURCE",
+    help="Segment a frame stream: multi-frame cine DICOM (replayed at its frame rate), a video "
+    "file, or a capture device number; latest frame wins.",
+)
 def run(
     bundle,
     inputs,
@@ -55,6 +62,7 @@ def run(
     series_timeout,
     spool,
     once,
+    frames,
 ):
     """Segment INPUTS (DICOM files, folders, DICOMDIR, NIfTI) with BUNDLE.
 
@@ -62,6 +70,10 @@ def run(
     reason. Exit code 0 when all succeeded, 1 when any failed.
     """
     fmt = parse_list(formats, FORMATS, "--format") or ["seg"]
+    if frames:
+        from edgeseg.stream.cli_support import serve_frames
+
+        sys.exit(serve_frames(bundle, frames, out_dir=out_dir, backend=backend))
     if listen or watch:
         try:
             from edgeseg.stream.cli_support import serve  # type: ignore[import-not-found]

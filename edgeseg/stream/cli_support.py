@@ -198,8 +198,12 @@ def serve_frames(
         frames = dicom_cine(source, realtime=realtime)
     else:
         frames = video(source)
-    with Segmenter.open(bundle, backend=backend) as seg:
-        report = run_frames(frames, segmenter_frame_fn(seg), Path(out_dir) / "frames")
+    try:
+        with Segmenter.open(bundle, backend=backend) as seg:
+            report = run_frames(frames, segmenter_frame_fn(seg), Path(out_dir) / "frames")
+    except ValueError as exc:  # unreadable or unsupported source: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary = {
         "frames_read": report.read,
         "frames_segmented": report.segmented,

@@ -51,12 +51,21 @@ def dicom_cine(path: str | Path, *, realtime: bool = True) -> Iterator[np.ndarra
     """Frames of a multi-frame DICOM, paced by (0018,1063) 'Frame Time' (ms) when ``realtime``."""
     import pydicom
 
-    ds = pydicom.dcmread(str(path))
-    frames = ds.pixel_array
+    try:
+        ds = pydicom.dcmread(str(path))
+        frames = ds.pixel_array
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read frames from this DICOM file ({type(exc).__name__})") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if photometric == "PALETTE COLOR":
+        raise ValueError(f"{path}: palette-colour cine cannot be segmented (grayscale or RGB/YBR only)")
+    if samples == 3:
+        # Ultrasound and endoscopy cines are stored in colour; the models see luminance.
+        # pydicom already converted YBR to RGB; Rec. 601 luma weights, as scanners use.
+        frames = frames.reshape((-1, *frames.shape[-3:])) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if frames.ndim == 2:
         frames = frames[None]
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONO") is False:
-        raise ValueError(f"{Path(path).name}: only grayscale cine can be segmented")
     frame_s = float(ds.get("FrameTime", 0) or 0) / 1e3 or (1.0 / float(ds.get("CineRate", 0) or 25))
     start = time.perf_counter()
     for i, frame in enumerate(frames):
