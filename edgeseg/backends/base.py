@@ -28,14 +28,17 @@ class Backend(ABC):
     """
 
     name: str = "base"
+    # Set by subclasses when they open the model.
+    _input: TensorInfo
+    _output: TensorInfo
 
     @property
-    @abstractmethod
-    def input(self) -> TensorInfo: ...
+    def input(self) -> TensorInfo:
+        return self._input
 
     @property
-    @abstractmethod
-    def output(self) -> TensorInfo: ...
+    def output(self) -> TensorInfo:
+        return self._output
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray: ...

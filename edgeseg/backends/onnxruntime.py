@@ -90,14 +90,6 @@ class OrtBackend(Backend):
         self._binding = self._session.io_binding()
         self._outputs: dict[tuple[int, ...], tuple[np.ndarray, object]] = {}
 
-    @property
-    def input(self) -> TensorInfo:
-        return self._input
-
-    @property
-    def output(self) -> TensorInfo:
-        return self._output
-
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self._check_batch(batch)
         batch = np.ascontiguousarray(batch)

@@ -66,14 +66,6 @@ class TensorRTBackend(Backend):
         shape = tuple(int(d) if d >= 0 else None for d in self.engine.get_tensor_shape(name))
         return TensorInfo(name, shape, np.dtype(self._trt_mod.nptype(self.engine.get_tensor_dtype(name))))
 
-    @property
-    def input(self) -> TensorInfo:
-        return self._input
-
-    @property
-    def output(self) -> TensorInfo:
-        return self._output
-
     # -- device-resident path (used by GpuPipeline) ------------------------------------------
     def bind(
         self, input_shape: tuple[int, ...], input_ptr: int, output_ptr: int | None = None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,19 +27,13 @@ from edgeseg.cuda.module import PostParams, PreParams
 from edgeseg.cuda.plan import SRC_DTYPES, STAT_WIDTH, ChannelPlan, output_strides, plan_volumes
 from edgeseg.geometry import resample
 from edgeseg.preprocess import gaussian_importance, window_starts
+from edgeseg.segmenter import SegmentationResult
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
 STAGES = ("h2d", "preprocess", "infer", "postprocess", "d2h")
 _ACT = {"logits": 0, "softmax": 1, "sigmoid": 2}
 u64, i32, f32, f64 = ctypes.c_uint64, ctypes.c_int32, ctypes.c_float, ctypes.c_double
-
-
-@dataclass
-class GpuResult:
-    labels: np.ndarray
-    confidence: np.ndarray | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class _Buffers:
@@ -249,7 +242,7 @@ class GpuPipeline:
         return p
 
     # -- the call ----------------------------------------------------------------------------------
-    def run(self, volumes: Volume | Sequence[Volume], *, with_confidence: bool = False) -> GpuResult:
+    def run(self, volumes: Volume | Sequence[Volume], *, with_confidence: bool = False) -> SegmentationResult:
         spec = self.spec
         vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
         if len(vols) != spec.in_channels:
@@ -279,7 +272,9 @@ class GpuPipeline:
         s.synchronize()
         timings = {st: ev[st][1].elapsed_ms(ev[st][0]) for st in STAGES}
         back = _to_source(labels, orient, oriented)
-        return GpuResult(back, _to_source(conf, orient, oriented) if conf is not None else None, timings)
+        return SegmentationResult(
+            back, _to_source(conf, orient, oriented) if conf is not None else None, timings
+        )
 
     def _program(self, plans, srcs, padded, grid, labels: int, conf: int):
         """The launch sequence (with stage events) and the bytes that identify it for graph reuse."""
@@ -455,11 +450,10 @@ class GpuSegmenter:
         )
         return cls(bundle.spec, TensorRTBackend(plan, precision=prec), bundle=bundle)
 
-    def segment(self, volumes: Volume | Sequence[Volume], *, with_confidence: bool = False):
-        from edgeseg.segmenter import SegmentationResult
-
-        r = self.pipeline.run(volumes, with_confidence=with_confidence)
-        return SegmentationResult(r.labels, r.confidence, r.timings)
+    def segment(
+        self, volumes: Volume | Sequence[Volume], *, with_confidence: bool = False
+    ) -> SegmentationResult:
+        return self.pipeline.run(volumes, with_confidence=with_confidence)
 
     def describe(self) -> dict:
         d = self.backend.describe()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeseg.stream._log import event
+from edgeseg.stream._polling import PollingThread
 from edgeseg.stream.journal import Journal
 
 _DEST = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
@@ -72,7 +72,7 @@ def c_store_file(
         raise ForwardError(f"{dest} answered C-STORE status 0x{code:04X}")
 
 
-class Forwarder:
+class Forwarder(PollingThread):
     """A thread that drains the journal's outbox.
 
     Parameters
@@ -100,22 +100,11 @@ class Forwarder:
         self.ae_title = ae_title
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
-        self.poll_s = poll_s
         self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="edgeseg-forward", daemon=True)
+        self._init_polling("edgeseg-forward", poll_s)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.drain_once()
-            self._stop.wait(self.poll_s)
+    def poll(self) -> int:
+        return self.drain_once()
 
     def drain_once(self) -> int:
         """Try every due item once; returns how many were sent."""

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 from edgeseg.stream._log import event
+from edgeseg.stream._polling import PollingThread
 from edgeseg.stream.ingest import ingest
 from edgeseg.stream.spool import Spool
 
@@ -24,7 +24,7 @@ def _is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-class Watcher:
+class Watcher(PollingThread):
     """Polls ``folder`` (recursively) and ingests stable files.
 
     Parameters
@@ -53,27 +53,19 @@ class Watcher:
         self.spool = spool
         self.folder = Path(folder)
         self.stable_s = stable_s
-        self.poll_s = poll_s
         self.max_per_scan = max_per_scan
         self.ingested = 0
         # path -> (size, mtime_ns, since): when the file was last seen to change.
         self._seen: dict[Path, tuple[int, int, float]] = {}
         self._done: dict[Path, tuple[int, int]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="edgeseg-watch", daemon=True)
+        self._init_polling("edgeseg-watch", poll_s)
 
     def start(self) -> None:
         event("watching", folder=str(self.folder))
-        self._thread.start()
+        super().start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout_s)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.scan()
-            self._stop.wait(self.poll_s)
+    def poll(self) -> int:
+        return self.scan()
 
     def scan(self, *, now: float | None = None) -> int:
         """One pass: note changing files, ingest stable ones; returns how many were ingested."""

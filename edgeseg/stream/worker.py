@@ -8,13 +8,13 @@ journal is the queue: complete series wait there, durably; the worker takes at m
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from edgeseg.stream._log import event
+from edgeseg.stream._polling import PollingThread
 from edgeseg.stream.journal import Claim
 from edgeseg.stream.spool import Spool
 
@@ -31,7 +31,7 @@ class Outcome(Protocol):
 Processor = Callable[[list[Path], Path], Outcome]
 
 
-class Worker:
+class Worker(PollingThread):
     """Turns complete series into outputs.
 
     Parameters
@@ -73,27 +73,17 @@ class Worker:
         self.forward = list(forward)
         self.forward_formats = tuple(forward_formats)
         self.max_attempts = max_attempts
-        self.poll_s = poll_s
         self.batch = batch
         self.done = 0
         self.failed = 0
         self.busy = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="edgeseg-worker", daemon=True)
+        self._init_polling("edgeseg-worker", poll_s)
 
-    # -- thread --------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
+    # Stopping finishes the series in hand (checkpointed in the journal either way).
+    stop_timeout_s = 120.0
 
-    def stop(self, timeout_s: float = 120.0) -> None:
-        """Finish the series in hand (it is checkpointed in the journal either way), then stop."""
-        self._stop.set()
-        self._thread.join(timeout_s)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            if self.step() == 0:
-                self._stop.wait(self.poll_s)
+    def poll(self) -> int:
+        return self.step()
 
     # -- one step --------------------------------------------------------------------------------
     def step(self, *, all_receiving: bool = False) -> int:
