@@ -9,10 +9,11 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeseg._exceptions import EdgesegError
+from edgeseg._exceptions import DicomInputError, EdgesegError
 from edgeseg.nifti_input import is_nifti, read_nifti
 
 log = logging.getLogger("edgeseg")
@@ -145,15 +146,31 @@ def process_series(
     t = time.perf_counter()
     try:
         volume = read_volume(files)
-    except EdgesegError as exc:
-        return SeriesOutcome(source, "failed", error=str(exc))
-    read_ms = (time.perf_counter() - t) * 1e3
-    try:
+        read_ms = (time.perf_counter() - t) * 1e3
         outcome = process_volume(segmenter, volume, Path(out_dir), formats=formats, source=source)
-    except EdgesegError as exc:
-        return SeriesOutcome(source, "failed", error=f"{source}: {exc}")
+    except Exception as exc:  # a listener must outlive any one series
+        return SeriesOutcome(source, "failed", error=_error_line(source, exc))
     outcome.timings = {"read": read_ms, **outcome.timings}
     return outcome
+
+
+def _error_line(source: str, exc: Exception) -> str:
+    """One line naming the file: DICOM errors carry their path, the rest get the series source."""
+    if isinstance(exc, DicomInputError) and exc.path:
+        return str(exc)
+    if isinstance(exc, EdgesegError):
+        return f"{source}: {exc}"
+    # Not an input problem we know: still one line, the traceback goes to the debug log.
+    log.debug("unexpected error on %s", source, exc_info=True)
+    return f"{source}: internal error ({type(exc).__name__}: {exc}); please report it"
+
+
+def _timed_load(job: _Job) -> tuple[object, float, Exception | None]:
+    t = time.perf_counter()
+    try:
+        return job.load(), (time.perf_counter() - t) * 1e3, None  # type: ignore[operator]
+    except Exception as exc:  # reported per series by the caller
+        return None, 0.0, exc
 
 
 def run_inputs(
@@ -165,34 +182,46 @@ def run_inputs(
     on_outcome=None,
     with_confidence: bool = False,
 ) -> list[SeriesOutcome]:
-    """Segment every series found in ``inputs``; one outcome per series or unusable file."""
+    """Segment every series found in ``inputs``; one outcome per series or unusable file.
+
+    The next series is read on a background thread while the current one is segmented, so
+    decoding overlaps inference. A failure never stops the others.
+    """
     outcomes: list[SeriesOutcome] = []
     out_dir = Path(out_dir)
-    for job in _jobs(inputs, segmenter.spec):
-        if isinstance(job, SeriesOutcome):
-            outcome = job
-        else:
-            t = time.perf_counter()
-            try:
-                volume = job.load()  # type: ignore[operator]
-                read_ms = (time.perf_counter() - t) * 1e3
-                outcome = process_volume(
-                    segmenter,
-                    volume,
-                    out_dir,
-                    formats=formats,
-                    source=job.source,
-                    with_confidence=with_confidence,
-                )
-                outcome.timings = {"read": read_ms, **outcome.timings}
-            except EdgesegError as exc:
-                msg = str(exc)
-                outcome = SeriesOutcome(
-                    job.source, "failed", error=msg if msg.startswith(("/", ".")) else f"{job.source}: {msg}"
-                )
-        outcomes.append(outcome)
-        if on_outcome is not None:
-            on_outcome(outcome)
+    jobs = list(_jobs(inputs, segmenter.spec))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeseg-read") as pool:
+        pending: dict[int, Future] = {}
+
+        def prefetch(i: int) -> None:
+            if i < len(jobs) and isinstance(jobs[i], _Job):
+                pending[i] = pool.submit(_timed_load, jobs[i])
+
+        prefetch(0)
+        for i, job in enumerate(jobs):
+            prefetch(i + 1)
+            if isinstance(job, SeriesOutcome):
+                outcome = job
+            else:
+                volume, read_ms, err = pending.pop(i).result()
+                if err is None:
+                    try:
+                        outcome = process_volume(
+                            segmenter,
+                            volume,
+                            out_dir,
+                            formats=formats,
+                            source=job.source,
+                            with_confidence=with_confidence,
+                        )
+                        outcome.timings = {"read": read_ms, **outcome.timings}
+                    except Exception as exc:  # one bad series never stops the rest
+                        err = exc
+                if err is not None:
+                    outcome = SeriesOutcome(job.source, "failed", error=_error_line(job.source, err))
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
     return outcomes
 
 
