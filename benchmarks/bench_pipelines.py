@@ -687,46 +687,6 @@ def postprocess_variants(out: np.ndarray, spec: ModelSpec, reps: int) -> list[di
     ]
 
 
-def read_variants(case: Case, reps: int) -> list[dict[str, Any]]:
-    """read_volume as shipped (every file parsed twice: scan headers, then assembly) vs parsing
-    each file once and handing the scan's dataset (pixel data deferred) to assembly."""
-    from edgeseg.dicom import api, assemble, scan
-
-    cache: dict[Path, Any] = {}
-    orig_header, orig_read = scan.read_header, assemble._read
-
-    def header_once(path: Path) -> Any:
-        try:
-            ds = scan.quiet_dcmread(path, defer_size=assemble._DEFER)
-        except Exception:  # anything unusual: the shipped path decides
-            return orig_header(path)
-        cache[Path(path)] = ds
-        return ds
-
-    def read_cached(path: Path) -> Any:
-        ds = cache.pop(Path(path), None)
-        return orig_read(path) if ds is None or "SOPInstanceUID" not in ds else ds
-
-    def patched() -> Any:
-        scan.read_header, assemble._read = header_once, read_cached
-        try:
-            return api.read_volume(case.files)
-        finally:
-            scan.read_header, assemble._read = orig_header, orig_read
-            cache.clear()
-
-    same = bool(np.array_equal(patched().stored, api.read_volume(case.files).stored))
-    variants = {
-        "read_volume as shipped": lambda: api.read_volume(case.files),
-        "parse each file once": patched,
-    }
-    times = interleave(variants, reps)
-    return [
-        {"variant": k, "median_ms": round(float(np.median(v)), 2), "identical": same}
-        for k, v in times.items()
-    ]
-
-
 def profile_section(
     models_cases: list[tuple[Case, Path]], args: argparse.Namespace, out: Path
 ) -> dict[str, Any]:
@@ -740,7 +700,6 @@ def profile_section(
         reps = max(3, round(10 * args.reps_scale))
         entry["ort_variants_infer_only"], output = ort_variants(bundle, case, reps=reps)
         entry["postprocess_variants"] = postprocess_variants(output, case.spec, reps=reps)
-        entry["read_variants"] = read_variants(case, reps=reps)
         pipe.seg.close()
         prof[case.key] = entry
         print(f"  profiled {case.key}", file=sys.stderr, flush=True)
@@ -893,9 +852,6 @@ def profile_text(prof: dict[str, Any]) -> str:
         )
         for r in entry["postprocess_variants"]:
             buf.write(f"| {r['variant']} | {r['shape']} | {r['median_ms']} | {r['identical']} |\n")
-        buf.write("\n| read variant | median ms | same voxels |\n|---|---|---|\n")
-        for r in entry["read_variants"]:
-            buf.write(f"| {r['variant']} | {r['median_ms']} | {r['identical']} |\n")
     return buf.getvalue()
 
 
