@@ -80,16 +80,20 @@ class CalibrationSet:
         return len(self.samples)
 
     def batches(self, batch_size: int = 8) -> list[np.ndarray]:
-        """Consecutive samples of one shape stacked into (N, C, *spatial) batches."""
+        """The samples stacked into (N, C, *spatial) batches of one size.
+
+        ORT's histogram calibrators stack the outputs of all batches, so every batch must have
+        the same size: the remainder (fewer than ``batch_size`` samples) is left out, unless the
+        set is smaller than one batch.
+        """
+        bs = max(1, min(batch_size, len(self.samples)))
+        n = len(self.samples) - len(self.samples) % bs
+        groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for s in self.samples[:n]:
+            groups.setdefault(s.shape, []).append(s)
         out: list[np.ndarray] = []
-        run: list[np.ndarray] = []
-        for s in self.samples:
-            if run and (s.shape != run[0].shape or len(run) == batch_size):
-                out.append(np.stack(run))
-                run = []
-            run.append(s)
-        if run:
-            out.append(np.stack(run))
+        for group in groups.values():
+            out.extend(np.stack(group[i : i + bs]) for i in range(0, len(group) - len(group) % bs, bs))
         return out
 
     def subset(self, n: int) -> CalibrationSet:

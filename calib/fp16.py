@@ -8,6 +8,7 @@ tensor as an output; a node whose output exceeds fp16's range (|x| > 65504), or 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,12 +123,15 @@ def convert_fp16(
     ops = list(FRAGILE_OPS if keep_ops is None else keep_ops)
     model = name_nodes(onnx.load_from_string(fp32))
     try:
-        converted = float16.convert_float_to_float16(
-            model,
-            keep_io_types=True,
-            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + ops,
-            node_block_list=sorted(block_nodes),
-        )
+        with warnings.catch_warnings():
+            # "float32 number … will be truncated": tiny weights rounding to fp16's minimum.
+            warnings.simplefilter("ignore", UserWarning)
+            converted = float16.convert_float_to_float16(
+                model,
+                keep_io_types=True,
+                op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + ops,
+                node_block_list=sorted(block_nodes),
+            )
     except Exception as exc:
         raise CalibrationError(f"fp16 conversion failed: {str(exc).splitlines()[0]}") from None
     return Fp16Result(converted.SerializeToString(), ops, overflow, sorted(block_nodes))
