@@ -82,6 +82,29 @@ def intermediate_maxima(
     return {n: (producer.get(n, ""), v) for n, v in peak.items()}
 
 
+def fold_constant_identities(model: Any) -> Any:
+    """Replace ``Identity(initializer)`` nodes by a copy of the initializer.
+
+    The torch exporter emits them for shared weights; onnxconverter-common converts the
+    initializer to fp16 but leaves the Identity's output typed float, which ORT rejects.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    graph_outputs = {o.name for o in model.graph.output}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in graph_outputs:
+            copy = type(inits[node.input[0]])()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return model
+
+
 def convert_fp16(
     fp32: bytes,
     batches: Sequence[np.ndarray] = (),
@@ -121,7 +144,7 @@ def convert_fp16(
                 if node:
                     block_nodes.add(node)
     ops = list(FRAGILE_OPS if keep_ops is None else keep_ops)
-    model = name_nodes(onnx.load_from_string(fp32))
+    model = fold_constant_identities(name_nodes(onnx.load_from_string(fp32)))
     try:
         with warnings.catch_warnings():
             # "float32 number … will be truncated": tiny weights rounding to fp16's minimum.
