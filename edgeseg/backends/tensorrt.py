@@ -123,5 +123,8 @@ class TensorRTBackend(Backend):
             d_in.close()
             d_out.close()
         self._host.clear()
+        # Context before engine before runtime (each needs the next); the stream last.
         self.context = None
         self.engine = None
+        if getattr(self, "stream", None) is not None:
+            self.stream.close()

@@ -41,10 +41,13 @@ class GraphRunner:
             log.info("CUDA graph capture unavailable (%s); launching plainly", exc)
             return False
         failure: Exception | None = None
+        self.stream.capturing = True  # Event.record turns into graph event nodes
         try:
             self.enqueue()
         except Exception as exc:  # noqa: BLE001 - any failure means: no graph
             failure = exc
+        finally:
+            self.stream.capturing = False
         err, graph = rt.cudaStreamEndCapture(self.stream.stream)  # always end, even after a failure
         if failure is not None or int(err) != 0 or graph is None:
             if graph is not None and int(err) == 0:

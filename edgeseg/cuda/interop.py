@@ -3,6 +3,11 @@
 Reads the pointer, shape, dtype and strides from ``__cuda_array_interface__`` (v2/v3) or from a
 DLPack capsule (``__dlpack__``), never copying and never importing the producer. The view keeps
 the producer object (or the capsule, whose deleter frees the DLPack tensor) alive.
+
+Stream order: the producer may still be writing the array on its own stream. A CAI v3
+``"stream"`` entry names that stream and the consumer must wait for it (the view carries it in
+``stream``; :meth:`edgeseg.cuda.memory.Stream.wait_for` does the wait). DLPack instead takes the
+consumer's stream in ``__dlpack__(stream=...)`` and the producer orders its work before it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class DeviceArrayView:
     strides: tuple[int, ...]  # in elements
     on_device: bool
     owner: Any
+    stream: int | None = None  # producer stream to wait for before reading (CAI v3), None: none
 
     @property
     def is_c_contiguous(self) -> bool:
@@ -78,11 +84,23 @@ def from_cuda_array_interface(obj: Any) -> DeviceArrayView:
         if any(s % dtype.itemsize for s in strides):
             raise ValueError("strides that are not a multiple of the item size are not supported")
         el = tuple(int(s) // dtype.itemsize for s in strides)
-    return DeviceArrayView(ptr, shape, dtype, el, True, obj)
+    stream = cai.get("stream")
+    if stream is not None and int(stream) == 0:
+        raise ValueError("__cuda_array_interface__ stream 0 is not allowed (ambiguous; see CAI v3)")
+    return DeviceArrayView(ptr, shape, dtype, el, True, obj, None if stream is None else int(stream))
 
 
-def from_dlpack(obj: Any) -> DeviceArrayView:
-    capsule = obj.__dlpack__()
+def from_dlpack(obj: Any, stream: int | None = None) -> DeviceArrayView:
+    """A view of ``obj``'s DLPack tensor; ``stream`` is the consumer's CUDA stream handle, which
+    the producer makes wait for its pending writes (DLPack's ``__dlpack__(stream=...)``)."""
+    capsule = None
+    if stream is not None:
+        try:
+            capsule = obj.__dlpack__(stream=int(stream))
+        except TypeError:  # producers predating the stream argument
+            capsule = None
+    if capsule is None:
+        capsule = obj.__dlpack__()
     get = ctypes.pythonapi.PyCapsule_GetPointer
     get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     addr = get(capsule, b"dltensor")
@@ -98,11 +116,16 @@ def from_dlpack(obj: Any) -> DeviceArrayView:
     return DeviceArrayView(ptr, shape, dtype, strides, on_device, (obj, capsule))
 
 
-def as_device_view(obj: Any) -> DeviceArrayView | None:
-    """A :class:`DeviceArrayView` of ``obj`` if it exposes device memory, else ``None``."""
+def as_device_view(obj: Any, stream: int | None = None) -> DeviceArrayView | None:
+    """A :class:`DeviceArrayView` of ``obj`` if it exposes device memory, else ``None``.
+
+    ``stream``: the consumer's stream handle, passed to ``__dlpack__`` (see the module doc)."""
     if hasattr(obj, "__cuda_array_interface__"):
         return from_cuda_array_interface(obj)
     if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
-        view = from_dlpack(obj)
+        device = getattr(obj, "__dlpack_device__", None)
+        if device is not None and int(device()[0]) not in (_DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED):
+            return None  # host memory: never ask a CPU producer to sync on a CUDA stream
+        view = from_dlpack(obj, stream)
         return view if view.on_device else None
     return None

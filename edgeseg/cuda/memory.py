@@ -1,12 +1,16 @@
 """Stream, events and memory: device buffers, pinned host buffers, mapped (zero-copy) host buffers.
 
 Each object owns one CUDA resource and frees it in :meth:`close` (also on garbage collection),
-so the pipeline can allocate once per shape and reuse.
+so the pipeline can allocate once per shape and reuse. :class:`PinnedPool` hands out pinned
+numpy arrays whose memory lives as long as the arrays do (loaders decode into them directly).
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
+import weakref
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,6 +25,8 @@ class Stream:
         self.stream = check(
             self._rt.cudaStreamCreateWithFlags(self._rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
         )
+        # Set by GraphRunner while a capture is open: events must then become graph nodes.
+        self.capturing = False
 
     @property
     def handle(self) -> int:
@@ -28,6 +34,18 @@ class Stream:
 
     def synchronize(self) -> None:
         check(self._rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def wait_for(self, other: int) -> None:
+        """Order later work on this stream after everything queued so far on stream ``other``
+        (a handle; 1 and 2 are the legacy and per-thread default streams), without blocking
+        the host. This is what a producer's ``__cuda_array_interface__["stream"]`` asks for."""
+        rt = self._rt
+        ev = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
+        try:
+            check(rt.cudaEventRecord(ev, int(other)), "cudaEventRecord on the producer's stream")
+            check(rt.cudaStreamWaitEvent(self.stream, ev, 0), "cudaStreamWaitEvent")
+        finally:
+            rt.cudaEventDestroy(ev)  # released once the wait is satisfied
 
     def close(self) -> None:
         if getattr(self, "stream", None) is not None:
@@ -45,7 +63,22 @@ class Event:
         self.event = check(self._rt.cudaEventCreate(), "cudaEventCreate")
 
     def record(self, stream: Stream) -> None:
-        check(self._rt.cudaEventRecord(self.event, stream.stream), "cudaEventRecord")
+        """Record on ``stream``. Inside a stream capture a plain record only orders work within
+        the capture and leaves the event unusable for timing (cudaErrorCapturedEvent), so there
+        it becomes an event-record node of the graph (``cudaEventRecordExternal``, which is
+        invalid outside a capture), recorded at every replay."""
+        rt = self._rt
+        if getattr(stream, "capturing", False):
+            check(
+                rt.cudaEventRecordWithFlags(self.event, stream.stream, rt.cudaEventRecordExternal),
+                "cudaEventRecordWithFlags",
+            )
+        else:
+            check(rt.cudaEventRecord(self.event, stream.stream), "cudaEventRecord")
+
+    @property
+    def handle(self) -> int:
+        return handle(self.event)
 
     def elapsed_ms(self, start: Event) -> float:
         """Milliseconds from ``start`` to this event (synchronises on this event)."""
@@ -98,7 +131,10 @@ class DeviceBuffer:
 
 class PinnedBuffer:
     """Page-locked host memory as a numpy array; ``mapped`` also maps it into the device's
-    address space (on integrated GPUs the kernels then read it in place: zero copy)."""
+    address space (on integrated GPUs the kernels then read it in place: zero copy).
+
+    ``close`` frees the memory even if views of :attr:`array` are still around: hand arrays to
+    other code through :class:`PinnedPool`, whose arrays own their memory."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type, *, mapped: bool = False) -> None:
         self._rt = runtime_module()
@@ -121,6 +157,102 @@ class PinnedBuffer:
             self.ptr = 0
 
     __del__ = close
+
+
+class _PoolArrayOwner:
+    """The ``base`` of a :class:`PinnedPool` array: holds the buffer while any view lives."""
+
+    def __init__(self, buf, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.buffer = buf
+        self.__array_interface__ = {"shape": tuple(shape), "typestr": dtype.str, "data": (buf.ptr, False),
+                                    "version": 3}  # fmt: skip
+
+
+class PinnedPool:
+    """Pinned (on integrated GPUs: mapped) host arrays for producers such as the DICOM loader.
+
+    :meth:`allocate` returns a writable, C-contiguous numpy array in page-locked memory. The
+    memory stays valid as long as that array or any view of it lives (its ``base`` owns it);
+    then it goes back to the pool (at most ``keep`` idle buffers, the rest are freed) and is
+    reused by the next allocation it fits. :meth:`lookup` tells the GPU pipeline that an array
+    lies in such memory, so it needs no staging copy (and, when mapped, no copy at all).
+
+    ``factory(nbytes, mapped)`` makes a buffer with ``ptr``, ``nbytes``, ``device_ptr`` and
+    ``close()``; the default is :class:`PinnedBuffer`. Thread-safe: a reader thread allocates
+    while the pipeline looks up.
+    """
+
+    def __init__(
+        self,
+        *,
+        mapped: bool = False,
+        device_index: int | None = None,
+        keep: int = 2,
+        factory: Callable[[int, bool], object] | None = None,
+    ) -> None:
+        self.mapped = mapped
+        self.keep = keep
+        self._device_index = device_index
+        self._factory = factory or (lambda n, m: PinnedBuffer((n,), np.uint8, mapped=m))
+        self._lock = threading.Lock()
+        self._idle: list = []
+        self._live: dict[int, object] = {}  # host address → buffer, while an array uses it
+        self._closed = False
+
+    def allocate(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        shape = tuple(int(n) for n in shape)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the pinned pool is closed")
+            fits = [b for b in self._idle if b.nbytes >= nbytes]
+            buf = min(fits, key=lambda b: b.nbytes) if fits else None
+            if buf is not None:
+                self._idle.remove(buf)
+        if buf is None:
+            if self._device_index is not None:  # the calling thread may be a reader thread
+                check(runtime_module().cudaSetDevice(self._device_index), "cudaSetDevice")
+            buf = self._factory(max(nbytes, 1), self.mapped)
+        owner = _PoolArrayOwner(buf, shape, dtype)
+        with self._lock:
+            self._live[buf.ptr] = buf
+        finalizer = weakref.finalize(owner, self._release, buf)
+        finalizer.atexit = False  # the process exit frees page-locked memory anyway
+        return np.asarray(owner)
+
+    __call__ = allocate  # a pool is the ``out=`` allocator of edgeseg.dicom.load_volume
+
+    def lookup(self, array: np.ndarray):
+        """The pool buffer holding all of ``array``'s bytes, or None."""
+        if not isinstance(array, np.ndarray) or array.nbytes == 0:
+            return None
+        start = array.__array_interface__["data"][0]
+        with self._lock:
+            for buf in self._live.values():
+                if buf.ptr <= start and start + array.nbytes <= buf.ptr + buf.nbytes:
+                    return buf
+        return None
+
+    def _release(self, buf) -> None:
+        with self._lock:
+            self._live.pop(buf.ptr, None)
+            if not self._closed and len(self._idle) < self.keep:
+                self._idle.append(buf)
+                return
+        buf.close()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        """Free the idle buffers; buffers still used by arrays are freed when those die."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for buf in idle:
+            buf.close()
 
 
 def memory_info() -> tuple[int, int]:

@@ -6,13 +6,17 @@ or not at all for arrays already on the device (``__cuda_array_interface__`` / D
 fused kernel writes the TensorRT input, TensorRT runs on the same non-default stream, one kernel
 turns its output into labels, and only the labels come back. The kernel chain is launched
 plainly the first time a shape/parameter set is seen and captured as a CUDA graph the second
-time, then replayed. Labels are mapped back to the source grid on the host (nearest, uint8).
-Timings per stage ("h2d", "preprocess", "infer", "postprocess", "d2h") come from CUDA events.
+time, then replayed. Labels are mapped back to the source grid on the device (one gather
+kernel through per-axis tables) and only source-grid labels come back. Timings per stage ("h2d",
+"preprocess", "infer", "postprocess", "d2h") come from CUDA events; 2D inference and
+postprocessing interleave per batch and are timed per batch.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,10 +26,17 @@ from edgeseg._exceptions import BackendError, SpecError
 from edgeseg.cuda.device import device_info
 from edgeseg.cuda.graph import GraphRunner
 from edgeseg.cuda.interop import as_device_view
-from edgeseg.cuda.memory import DeviceBuffer, Event, PinnedBuffer
-from edgeseg.cuda.module import PostParams, PreParams
-from edgeseg.cuda.plan import SRC_DTYPES, STAT_WIDTH, ChannelPlan, output_strides, plan_volumes
-from edgeseg.geometry import resample
+from edgeseg.cuda.memory import DeviceBuffer, Event, PinnedBuffer, PinnedPool
+from edgeseg.cuda.module import BLOCK, PostParams, PreParams
+from edgeseg.cuda.plan import (
+    OP_WIDTH,
+    SRC_DTYPES,
+    STAT_WIDTH,
+    ChannelPlan,
+    output_strides,
+    plan_volumes,
+    source_tables,
+)
 from edgeseg.preprocess import gaussian_importance, window_starts
 from edgeseg.segmenter import SegmentationResult
 from edgeseg.spec import ModelSpec
@@ -34,6 +45,14 @@ from edgeseg.volume import Volume
 STAGES = ("h2d", "preprocess", "infer", "postprocess", "d2h")
 _ACT = {"logits": 0, "softmax": 1, "sigmoid": 2}
 u64, i32, f32, f64 = ctypes.c_uint64, ctypes.c_int32, ctypes.c_float, ctypes.c_double
+MAX_GRAPHS = 4  # captured programs kept (e.g. loader buffers that alternate between two addresses)
+
+
+def host_layout(stored: np.ndarray) -> tuple[np.dtype, tuple[int, int, int]]:
+    """What the kernels read for a host array: its dtype, C-contiguous element strides (the
+    pipeline stages every host array C-contiguously, whatever the array's own strides)."""
+    n = stored.shape
+    return np.dtype(stored.dtype), (int(n[1]) * int(n[2]), int(n[2]), 1)
 
 
 class _Buffers:
@@ -56,6 +75,61 @@ class _Buffers:
         self._bufs.clear()
 
 
+class Program:
+    """A launch sequence and everything it bakes into a CUDA graph.
+
+    Every step records the exact values a capture freezes (kernel name, launch size and the
+    bytes of every argument, TensorRT shapes and addresses, memset ranges, event handles) in
+    :attr:`ident`, so two programs with equal :meth:`key` are interchangeable as graphs: any
+    reallocated buffer, new shape or parameter changes the key. Table *contents* are uploaded
+    outside the program, each run, and are not part of it. :attr:`timing` lists
+    ``(stage, start_event, end_event)`` spans whose sums give the per-stage times.
+    """
+
+    def __init__(self, stream: Any, kernels: Any = None) -> None:
+        self.stream = stream
+        self.kernels = kernels
+        self.steps: list[Callable[[], None]] = []
+        self.ident: list[bytes] = []
+        self.trt_shapes: set[tuple[int, ...]] = set()
+        self.timing: list[tuple[str, Any, Any]] = []
+
+    def launch(self, name: str, n: int, args: Sequence[Any], *, blocks: int | None = None,
+               threads: int = BLOCK) -> None:  # fmt: skip
+        k, s, args = self.kernels, self.stream, list(args)
+        self.ident.append(
+            b"K" + name.encode() + repr((n, blocks, threads)).encode() + b"".join(bytes(a) for a in args)
+        )
+        self.steps.append(lambda: k.launch(name, n, args, s, blocks=blocks, threads=threads))
+
+    def record(self, event: Any) -> None:
+        s = self.stream
+        self.ident.append(b"E" + repr(event.handle).encode())
+        self.steps.append(lambda: event.record(s))
+
+    def memset(self, buf: DeviceBuffer) -> None:
+        s = self.stream
+        self.ident.append(b"M" + repr((buf.ptr, buf.nbytes)).encode())
+        self.steps.append(lambda: buf.zero(s))
+
+    def infer(self, backend: Any, shape: tuple[int, ...], x: int, y: int) -> None:
+        shape = tuple(int(v) for v in shape)
+        s = self.stream
+        self.trt_shapes.add(shape)
+        self.ident.append(b"T" + repr((shape, int(x), int(y))).encode())
+        self.steps.append(lambda: (backend.bind(shape, x, y), backend.enqueue(s.handle)))
+
+    def span(self, stage: str, start: Any, end: Any) -> None:
+        self.timing.append((stage, start, end))
+
+    def key(self) -> bytes:
+        return hashlib.sha256(b"\0".join(self.ident)).digest()
+
+    def __call__(self) -> None:
+        for step in self.steps:
+            step()
+
+
 class GpuPipeline:
     """Volume(s) + spec + TensorRT backend → labels on the source grid, timings per stage.
 
@@ -64,9 +138,14 @@ class GpuPipeline:
     spec:
         the bundle's model spec (same semantics as the CPU path).
     backend:
-        an opened :class:`~edgeseg.backends.tensorrt.TensorRTBackend`.
+        an opened :class:`~edgeseg.backends.tensorrt.TensorRTBackend` (or anything with its
+        ``stream``, ``input``, ``output``, ``bind`` and ``enqueue``).
     use_graphs:
         capture the steady-state launch sequence as a CUDA graph (falls back to plain launches).
+
+    :attr:`pool` hands out pinned (mapped, on integrated GPUs) host arrays: give it to
+    :func:`edgeseg.dicom.load_volume` as ``out=`` and the decoded pixels are what the kernels
+    read — no staging copy, and on Jetson no copy at all.
     """
 
     def __init__(
@@ -74,45 +153,68 @@ class GpuPipeline:
     ) -> None:
         from edgeseg.cuda.module import Kernels
 
+        for t in (backend.input, backend.output):
+            if t.dtype not in (np.float32, np.float16):
+                raise BackendError(
+                    f"the engine's tensor '{t.name}' is {t.dtype}; the GPU path needs float32 or float16"
+                )
         self.spec = spec
         self.backend = backend
         self.device = device_info(device_index)
         self.kernels = Kernels(self.device.sm)
         self.stream = backend.stream
         self.use_graphs = use_graphs
+        self.pool = PinnedPool(mapped=self.device.integrated, device_index=device_index)
         self._bufs = _Buffers()
         self._pinned: dict[str, PinnedBuffer] = {}
         self._events = {s: (Event(), Event()) for s in STAGES}
-        self._graph: GraphRunner | None = None
-        self._graph_key: bytes | None = None
-        self._last_key: bytes | None = None
+        self._batch_events: list[tuple[Event, Event]] = []
+        self._graphs: OrderedDict[bytes, GraphRunner] = OrderedDict()
+        self._graph_shapes: set | None = None
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._uncapturable: set[bytes] = set()
+        self._last_shapes: set | None = None
         self._half_in = backend.input.dtype == np.float16
         self._half_out = backend.output.dtype == np.float16
+        self._label_values = 0  # device table of label values, uploaded each run
 
     # -- staging -------------------------------------------------------------------------------
     def _pinned_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> PinnedBuffer:
         buf = self._pinned.get(name)
         if buf is None or buf.array.shape != shape or buf.array.dtype != dtype:
             if buf is not None:
-                buf.close()
+                buf.close()  # the previous run synchronised: no copy from it is in flight
             buf = self._pinned[name] = PinnedBuffer(shape, dtype, mapped=self.device.integrated)
         return buf
 
-    def _stage_source(self, c: int, stored: Any) -> int:
-        """Device address of channel ``c``'s raw pixels (enqueues the one H2D copy if needed)."""
-        view = as_device_view(stored)
-        if view is not None:  # already on the device: read in place
-            return view.ptr
+    def _stage_source(self, c: int, stored: Any) -> tuple[int, tuple]:
+        """Device address and layout (dtype, element strides) of channel ``c``'s raw pixels;
+        enqueues the one H2D copy where one is needed."""
+        view = as_device_view(stored, self.stream.handle)
+        if view is not None:  # already on the device: read in place, after its producer
+            if view.stream is not None:
+                self.stream.wait_for(view.stream)
+            return view.ptr, (view.dtype, view.strides)
         stored = np.asarray(stored)
-        pinned = self._pinned_buffer(f"src{c}", stored.shape, stored.dtype)
-        np.copyto(pinned.array, stored)
-        if self.device.integrated:  # the kernel reads the mapped host memory directly
-            return pinned.device_ptr
-        dev = self._bufs.get(f"src{c}", stored.nbytes)
-        dev.upload(pinned.array, self.stream)
-        return dev.ptr
+        layout = host_layout(stored)
+        buf = self.pool.lookup(stored) if stored.flags.c_contiguous else None
+        if buf is not None:  # decoded straight into our pinned memory
+            host = stored
+            if self.device.integrated and buf.device_ptr:  # the kernel reads it where it lies
+                return buf.device_ptr + (stored.ctypes.data - buf.ptr), layout
+        else:
+            pinned = self._pinned_buffer(f"src{c}", stored.shape, stored.dtype)
+            np.copyto(pinned.array, stored)
+            if self.device.integrated:
+                return pinned.device_ptr, layout
+            host = pinned.array
+        dev = self._bufs.get(f"src{c}", max(host.nbytes, 1))
+        dev.upload(host, self.stream)
+        return dev.ptr, layout
 
     def _upload(self, name: str, array: np.ndarray) -> int:
+        """Device copy of a small table (enqueued now, outside any program; names are unique
+        per table within a run, so no pinned staging buffer is rewritten while in flight)."""
         array = np.ascontiguousarray(array)
         pinned = self._pinned_buffer(name, array.shape, array.dtype)
         np.copyto(pinned.array, array)
@@ -120,14 +222,25 @@ class GpuPipeline:
         dev.upload(pinned.array, self.stream)
         return dev.ptr
 
+    def _batch_event_pairs(self, n: int) -> list[tuple[Event, Event]]:
+        while len(self._batch_events) < n:
+            self._batch_events.append((Event(), Event()))
+        return self._batch_events[:n]
+
     # -- launch program --------------------------------------------------------------------------
-    def _pre_params(self, plan: ChannelPlan, c: int, src: int, dst: int, strides, padded, ops, n_ops: int,
-                    stats: int, *, channel: int, half: bool) -> PreParams:  # fmt: skip
-        t = {k: self._upload(f"{k}{c}", getattr(plan, k)) for k in ("off0", "off1", "weight", "zi0", "zi1")}
+    def _channel_tables(self, plan: ChannelPlan, c: int) -> dict[str, int]:
+        names = ("off0", "off1", "weight", "zi0", "zi1", "slope", "intercept")
+        t = {k: self._upload(f"{k}{c}", getattr(plan, k)) for k in names}
+        t["ops"] = self._upload(f"ops{c}", plan.ops if plan.ops.size else np.zeros((1, OP_WIDTH), np.float32))
+        return t
+
+    def _pre_params(self, plan: ChannelPlan, tables: dict[str, int], src: int, dst: int, strides, padded,
+                    first_op: int, n_ops: int, stats: int, *, channel: int, half: bool) -> PreParams:  # fmt: skip
+        t = tables
         p = PreParams(
             src=src, off0=t["off0"], off1=t["off1"], weight=t["weight"], zi0=t["zi0"], zi1=t["zi1"],
-            slope=self._upload(f"slope{c}", plan.slope), intercept=self._upload(f"intercept{c}", plan.intercept),
-            ops=ops, stats=stats, dst=dst,
+            slope=t["slope"], intercept=t["intercept"], ops=t["ops"] + first_op * OP_WIDTH * 4,
+            stats=stats, dst=dst,
         )  # fmt: skip
         p.dst_stride[:] = strides
         p.grid[:], p.padded[:], p.base[:], p.order[:] = plan.grid, padded, plan.base, plan.order
@@ -136,109 +249,82 @@ class GpuPipeline:
         p.slope0, p.intercept0 = plan.slope0, plan.intercept0
         return p
 
-    def _preprocess_program(self, plans: list[ChannelPlan], srcs: list[int], dst: int, layout_strides,
-                            half: bool) -> list[Callable[[], None]]:  # fmt: skip
+    def _preprocess_program(self, prog: Program, plans: list[ChannelPlan], srcs: list[int], dst: int,
+                            layout_strides, half: bool) -> None:  # fmt: skip
         """Launches that write every channel into ``dst`` (padded layout, fp32/fp16)."""
-        k, s, steps = self.kernels, self.stream, []
         for c, (plan, src) in enumerate(zip(plans, srcs)):
-            ops = self._upload(f"ops{c}", plan.ops if plan.ops.size else np.zeros(8, np.float32))
-            op_size = plan.ops.shape[1] * 4 if plan.ops.size else 32
+            tables = self._channel_tables(plan, c)
             stats = self._bufs.get(f"stats{c}", max(plan.n_slots, 1) * STAT_WIDTH * 4).ptr
             kernel = f"preprocess_{SRC_DTYPES[plan.src_dtype]}"
             first = plan.segments[0]
             if not plan.needs_scratch:
-                p = self._pre_params(plan, c, src, dst, layout_strides, plan.padded, ops + first.start * op_size,
+                p = self._pre_params(plan, tables, src, dst, layout_strides, plan.padded, first.start,
                                      first.stop - first.start, stats, channel=c, half=half)  # fmt: skip
-                steps.append(
-                    lambda p=p, kernel=kernel, n=int(np.prod(plan.padded)): k.launch(kernel, n, [p], s)
-                )
+                prog.launch(kernel, int(np.prod(plan.padded)), [p])
                 continue
             n = plan.n_grid
             scratch = [self._bufs.get(f"scratch{c}_{i}", n * 4).ptr for i in range(2)]
             g = plan.grid
             grid_strides = (0, g[1] * g[2], g[2], 1)
-            p = self._pre_params(plan, c, src, scratch[0], grid_strides, g, ops + first.start * op_size,
+            p = self._pre_params(plan, tables, src, scratch[0], grid_strides, g, first.start,
                                  first.stop - first.start, stats, channel=0, half=False)  # fmt: skip
-            steps.append(lambda p=p, kernel=kernel, n=n: k.launch(kernel, n, [p], s))
+            prog.launch(kernel, n, [p])
             cur = 0
             for i, seg in enumerate(plan.segments[1:]):
-                steps += self._barrier(seg.barrier, plan, scratch, cur, stats, c)
+                self._barrier(prog, seg.barrier, plan, scratch, cur, stats, c, i)
                 if seg.barrier.kind == "denoise":
                     cur = (cur + sum(1 for a in range(3) if g[a] >= 2)) % 2
                 last = i == len(plan.segments) - 2
-                q = self._pre_params(plan, c, scratch[cur], dst if last else scratch[cur],
+                q = self._pre_params(plan, tables, scratch[cur], dst if last else scratch[cur],
                                      layout_strides if last else grid_strides, plan.padded if last else g,
-                                     ops + seg.start * op_size, seg.stop - seg.start, stats,
+                                     seg.start, seg.stop - seg.start, stats,
                                      channel=c if last else 0, half=half and last)  # fmt: skip
-                steps.append(lambda q=q, n=int(np.prod(q.padded)): k.launch("intensity_apply", n, [q], s))
-        return steps
+                prog.launch("intensity_apply", int(np.prod(q.padded)), [q])
 
-    def _barrier(self, b, plan: ChannelPlan, scratch: list[int], cur: int, stats: int, c: int):
-        k, s, n = self.kernels, self.stream, plan.n_grid
+    def _barrier(self, prog: Program, b, plan: ChannelPlan, scratch: list[int], cur: int, stats: int, c: int,
+                 index: int) -> None:  # fmt: skip
+        n = plan.n_grid
         x = scratch[cur]
         if b.kind == "percentile":
             state = self._bufs.get(f"radix{c}", 4 * 258 * 4).ptr
-            steps = [lambda: k.launch("radix_init", 1, [u64(state), i32(4), *[ctypes.c_uint32(r) for r in b.ranks]],
-                                      s, blocks=1)]  # fmt: skip
+            prog.launch(
+                "radix_init", 1, [u64(state), i32(4), *[ctypes.c_uint32(r) for r in b.ranks]], blocks=1
+            )
             for shift in (24, 16, 8, 0):
-                steps.append(
-                    lambda sh=shift: k.launch(
-                        "radix_hist", n, [u64(x), u64(n), u64(state), i32(4), i32(sh)], s
-                    )
-                )
-                steps.append(
-                    lambda sh=shift: k.launch(
-                        "radix_select", 4, [u64(state), i32(4), i32(sh)], s, blocks=1, threads=32
-                    )
-                )
-            steps.append(lambda: k.launch("percentile_finalize", 1, [u64(state), u64(stats), i32(b.slot),
-                                          f64(b.fracs[0]), f64(b.fracs[1])], s, blocks=1, threads=32))  # fmt: skip
-            return steps
+                prog.launch("radix_hist", n, [u64(x), u64(n), u64(state), i32(4), i32(shift)])
+                prog.launch("radix_select", 4, [u64(state), i32(4), i32(shift)], blocks=1, threads=32)
+            prog.launch("percentile_finalize", 1, [u64(state), u64(stats), i32(b.slot), f64(b.fracs[0]),
+                                                   f64(b.fracs[1])], blocks=1, threads=32)  # fmt: skip
+            return
         if b.kind == "zscore":
             acc = self._bufs.get(f"zacc{c}", 32)
-            return [
-                lambda: acc.zero(s),
-                lambda: k.launch("zscore_sum", n, [u64(x), u64(n), i32(int(b.nonzero)), u64(acc.ptr)], s),
-                lambda: k.launch("zscore_m2", n, [u64(x), u64(n), i32(int(b.nonzero)), u64(acc.ptr)], s),
-                lambda: k.launch(
-                    "zscore_finalize",
-                    1,
-                    [
-                        u64(acc.ptr),
-                        u64(stats),
-                        i32(b.slot),
-                        i32(b.mean is not None),
-                        f64(b.mean or 0.0),
-                        i32(b.std is not None),
-                        f64(b.std or 0.0),
-                    ],
-                    s,
-                    blocks=1,
-                    threads=32,
-                ),  # fmt: skip
-            ]
-        weights = self._upload(f"gauss{c}", b.kernel)
-        steps, src = [], cur
+            prog.memset(acc)
+            prog.launch("zscore_sum", n, [u64(x), u64(n), i32(int(b.nonzero)), u64(acc.ptr)])
+            prog.launch("zscore_m2", n, [u64(x), u64(n), i32(int(b.nonzero)), u64(acc.ptr)])
+            prog.launch("zscore_finalize", 1, [u64(acc.ptr), u64(stats), i32(b.slot), i32(b.mean is not None),
+                                               f64(b.mean or 0.0), i32(b.std is not None), f64(b.std or 0.0)],
+                        blocks=1, threads=32)  # fmt: skip
+            return
+        weights = self._upload(f"gauss{c}_{index}", b.kernel)  # one table per Denoise step
+        src = cur
         for axis in range(3):
             if plan.grid[axis] < 2:
                 continue
             a, o = scratch[src], scratch[1 - src]
-            steps.append(lambda a=a, o=o, axis=axis: k.launch("gauss_axis", n, [u64(a), u64(o), *[i32(v) for v in plan.grid],
-                         i32(axis), u64(weights), i32(len(b.kernel) // 2)], s))  # fmt: skip
+            prog.launch("gauss_axis", n, [u64(a), u64(o), *[i32(v) for v in plan.grid], i32(axis), u64(weights),
+                                          i32(len(b.kernel) // 2)])  # fmt: skip
             src = 1 - src
-        return steps
 
     def _post_params(
         self, logits: int, labels: int, conf: int, n: int, k_: int, spatial, grid, n_offset: int
     ) -> PostParams:
         spec = self.spec
-        values = np.array([lab.value for lab in spec.labels], np.uint8)
-        p = PostParams(logits=logits, labels=labels, confidence=conf, label_values=self._upload("labvals", values),
+        p = PostParams(logits=logits, labels=labels, confidence=conf, label_values=self._label_values,
                        n_offset=n_offset, N=n, K=k_)  # fmt: skip
         p.S[:] = spatial
         p.G[:] = grid
         p.mode, p.activation = int(spec.output == "threshold"), _ACT[spec.activation]
-        p.n_labels, p.threshold = len(values), spec.threshold
+        p.n_labels, p.threshold = len(spec.labels), spec.threshold
         return p
 
     # -- the call ----------------------------------------------------------------------------------
@@ -247,183 +333,204 @@ class GpuPipeline:
         vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
         if len(vols) != spec.in_channels:
             raise SpecError(f"the model takes {spec.in_channels} input channel(s), got {len(vols)}")
-        plans, (orient, oriented, grid) = plan_volumes(vols, spec)
-        padded = plans[0].padded
         ev, s = self._events, self.stream
+        # Host staging buffers are rewritten below: nothing of an earlier call (one that raised
+        # half-way, say) may still be copying out of them. Free when the stream is idle.
+        s.synchronize()
         ev["h2d"][0].record(s)
-        srcs = [self._stage_source(c, v.stored) for c, v in enumerate(vols)]
+        staged = [self._stage_source(c, v.stored) for c, v in enumerate(vols)]
         ev["h2d"][1].record(s)
-        g_count = int(np.prod(grid))
-        labels_d = self._bufs.get("labels", g_count)
-        conf_d = self._bufs.get("conf", g_count) if with_confidence else None
-        program, stage_of = self._program(
-            plans, srcs, padded, grid, labels_d.ptr, conf_d.ptr if conf_d else 0
-        )
-        key = b"".join(stage_of) + repr((padded, grid, with_confidence)).encode()
-        self._execute(program, key)
+        srcs = [ptr for ptr, _ in staged]
+        plans, (orient, oriented, grid) = plan_volumes(vols, spec, [layout for _, layout in staged])
+        padded = plans[0].padded
+        src_shape = tuple(int(n) for n in vols[0].shape)
+        g_count, s_count = int(np.prod(grid)), int(np.prod(src_shape))
+        labels_g = self._bufs.get("labels", g_count)
+        labels_s = self._bufs.get("labels_src", s_count)
+        conf_g = self._bufs.get("conf", g_count) if with_confidence else None
+        conf_s = self._bufs.get("conf_src", s_count) if with_confidence else None
+        table = self._upload("to_source", source_tables(orient, grid, src_shape))
+        self._label_values = self._upload("labvals", np.array([lab.value for lab in spec.labels], np.uint8))
+        prog = self._program(plans, srcs, padded, grid, labels_g.ptr, conf_g.ptr if conf_g else 0)
+        # Labels back onto the source grid on the device: only source-grid labels come back.
+        for g_buf, s_buf in ((labels_g, labels_s), (conf_g, conf_s)):
+            if g_buf is not None:
+                prog.launch("gather_u8", s_count, [u64(g_buf.ptr), u64(s_buf.ptr), u64(table),
+                                                   *[i32(v) for v in src_shape]])  # fmt: skip
+        prog.record(ev["postprocess"][1])
+        self._execute(prog)
         ev["d2h"][0].record(s)
-        labels = np.empty(grid, np.uint8)
-        labels_d.download(labels, s)
+        labels = np.empty(src_shape, np.uint8)
+        labels_s.download(labels, s)
         conf = None
-        if conf_d is not None:
-            conf = np.empty(grid, np.uint8)
-            conf_d.download(conf, s)
+        if conf_s is not None:
+            conf = np.empty(src_shape, np.uint8)
+            conf_s.download(conf, s)
         ev["d2h"][1].record(s)
         s.synchronize()
-        timings = {st: ev[st][1].elapsed_ms(ev[st][0]) for st in STAGES}
-        back = _to_source(labels, orient, oriented)
-        return SegmentationResult(
-            back, _to_source(conf, orient, oriented) if conf is not None else None, timings
-        )
+        timings = {st: ev[st][1].elapsed_ms(ev[st][0]) for st in ("h2d", "d2h")}
+        for stage, a, b in prog.timing:
+            timings[stage] = timings.get(stage, 0.0) + b.elapsed_ms(a)
+        return SegmentationResult(labels, conf, {st: timings.get(st, 0.0) for st in STAGES})
 
-    def _program(self, plans, srcs, padded, grid, labels: int, conf: int):
-        """The launch sequence (with stage events) and the bytes that identify it for graph reuse."""
-        spec, be, k, s, ev = self.spec, self.backend, self.kernels, self.stream, self._events
+    def _program(self, plans, srcs, padded, grid, labels: int, conf: int) -> Program:
+        """The launch sequence from preprocessing to grid labels, with its timing spans; the
+        caller appends the mapping to the source grid and the final postprocess event.
+
+        Every TensorRT enqueue of one program uses one input shape (2D: the last batch of
+        slices overlaps the previous one; 3D: the last batch of patches is filled up), because
+        a CUDA graph may not span an input-shape change of the execution context.
+        """
+        spec, be, ev = self.spec, self.backend, self._events
+        prog = Program(self.stream, self.kernels)
         c_in = spec.in_channels
         in_item = 2 if self._half_in else 4
         out_item = 2 if self._half_out else 4
         post = "postprocess_f16" if self._half_out else "postprocess_f32"
-        steps: list[Callable[[], None]] = [lambda: ev["preprocess"][0].record(s)]
-        ident: list[bytes] = []
+        prog.record(ev["preprocess"][0])
         if spec.dims == 2:
             d = padded[0]
             bs = min(spec.batch_size, d)
             x = self._bufs.get("input", d * c_in * padded[1] * padded[2] * in_item)
-            steps += self._preprocess_program(plans, srcs, x.ptr, output_strides(spec, padded), self._half_in)
-            steps.append(lambda: ev["preprocess"][1].record(s))
+            self._preprocess_program(prog, plans, srcs, x.ptr, output_strides(spec, padded), self._half_in)
+            prog.record(ev["preprocess"][1])
+            prog.span("preprocess", *ev["preprocess"])
             slice_in = c_in * padded[1] * padded[2] * in_item
-            out_shape = be.bind((bs, c_in, padded[1], padded[2]), x.ptr)
+            shape = (bs, c_in, padded[1], padded[2])
+            out_shape = be.bind(shape, x.ptr)
             y = self._bufs.get("output", int(np.prod(out_shape)) * out_item)
-            k_out = out_shape[1]
-            steps.append(lambda: ev["infer"][0].record(s))
-            for start in range(0, d, bs):
-                n = min(bs, d - start)
-                ptr = x.ptr + start * slice_in
-                p = self._post_params(
-                    y.ptr, labels, conf, n, k_out, (1, padded[1], padded[2]), (1, grid[1], grid[2]), start
-                )
-                steps.append(
-                    lambda n=n, ptr=ptr: (
-                        be.bind((n, c_in, padded[1], padded[2]), ptr, y.ptr),
-                        be.enqueue(s.handle),
-                    )
-                )
-                steps.append(lambda p=p, n=n: k.launch(post, n * grid[1] * grid[2], [p], s))
-                ident.append(bytes(p))
-            steps.append(lambda: ev["infer"][1].record(s))
-            steps += [lambda: ev["postprocess"][0].record(s), lambda: ev["postprocess"][1].record(s)]
+            prog.record(ev["infer"][0])
+            starts = sorted({min(start, d - bs) for start in range(0, d, bs)})
+            before = ev["infer"][0]
+            for start, (inferred, posted) in zip(starts, self._batch_event_pairs(len(starts))):
+                prog.infer(be, shape, x.ptr + start * slice_in, y.ptr)
+                prog.record(inferred)
+                p = self._post_params(y.ptr, labels, conf, bs, out_shape[1], (1, padded[1], padded[2]),
+                                      (1, grid[1], grid[2]), start)  # fmt: skip
+                prog.launch(post, bs * grid[1] * grid[2], [p])
+                prog.record(posted)
+                prog.span("infer", before, inferred)
+                prog.span("postprocess", inferred, posted)
+                before = posted
+            prog.span("postprocess", before, ev["postprocess"][1])
         elif spec.patch_size is None:
             x = self._bufs.get("input", c_in * int(np.prod(padded)) * in_item)
-            steps += self._preprocess_program(plans, srcs, x.ptr, output_strides(spec, padded), self._half_in)
-            steps.append(lambda: ev["preprocess"][1].record(s))
-            out_shape = be.bind((1, c_in, *padded), x.ptr)
+            self._preprocess_program(prog, plans, srcs, x.ptr, output_strides(spec, padded), self._half_in)
+            prog.record(ev["preprocess"][1])
+            prog.span("preprocess", *ev["preprocess"])
+            shape = (1, c_in, *padded)
+            out_shape = be.bind(shape, x.ptr)
             y = self._bufs.get("output", int(np.prod(out_shape)) * out_item)
-            be.bind((1, c_in, *padded), x.ptr, y.ptr)
-            steps += [
-                lambda: ev["infer"][0].record(s),
-                lambda: be.enqueue(s.handle),
-                lambda: ev["infer"][1].record(s),
-            ]
+            prog.record(ev["infer"][0])
+            prog.infer(be, shape, x.ptr, y.ptr)
+            prog.record(ev["infer"][1])
+            prog.span("infer", *ev["infer"])
             p = self._post_params(y.ptr, labels, conf, 1, out_shape[1], padded, grid, 0)
-            ident.append(bytes(p))
-            steps += [lambda: ev["postprocess"][0].record(s), lambda: k.launch(post, int(np.prod(grid)), [p], s),
-                      lambda: ev["postprocess"][1].record(s)]  # fmt: skip
+            prog.launch(post, int(np.prod(grid)), [p])
+            prog.span("postprocess", ev["infer"][1], ev["postprocess"][1])
         else:
-            steps += self._sliding_program(plans, srcs, padded, grid, labels, conf, ident)
-        for plan in plans:
-            ident += [plan.ops.tobytes(), repr((plan.src_dtype, plan.src_strides, plan.slope0, plan.intercept0,
-                                                plan.rescale_mode)).encode(), plan.off0.tobytes(), plan.weight.tobytes()]  # fmt: skip
-        ident += [repr(srcs).encode()]
-        return steps, ident
+            self._sliding_program(prog, plans, srcs, padded, grid, labels, conf)
+        return prog
 
-    def _sliding_program(self, plans, srcs, padded, grid, labels: int, conf: int, ident: list[bytes]):
-        spec, be, k, s, ev = self.spec, self.backend, self.kernels, self.stream, self._events
+    def _sliding_program(self, prog: Program, plans, srcs, padded, grid, labels: int, conf: int) -> None:
+        spec, be, ev = self.spec, self.backend, self._events
         c_in = spec.in_channels
         patch = tuple(int(p) for p in spec.patch_size)
         vol = self._bufs.get("volume", c_in * int(np.prod(padded)) * 4)
-        steps = self._preprocess_program(plans, srcs, vol.ptr, output_strides(spec, padded), False)
-        steps.append(lambda: ev["preprocess"][1].record(s))
+        self._preprocess_program(prog, plans, srcs, vol.ptr, output_strides(spec, padded), False)
         starts = [(a, b, c) for a in window_starts(padded[0], patch[0], spec.overlap)
                   for b in window_starts(padded[1], patch[1], spec.overlap)
                   for c in window_starts(padded[2], patch[2], spec.overlap)]  # fmt: skip
-        bs = spec.batch_size
+        bs = min(spec.batch_size, len(starts))
         in_item, out_item = (2 if self._half_in else 4), (2 if self._half_out else 4)
         x = self._bufs.get("input", bs * c_in * int(np.prod(patch)) * in_item)
-        out_shape = be.bind((bs, c_in, *patch), x.ptr)
+        shape = (bs, c_in, *patch)
+        out_shape = be.bind(shape, x.ptr)
         y = self._bufs.get("output", int(np.prod(out_shape)) * out_item)
         k_out = out_shape[1]
         weight = self._upload("importance", gaussian_importance(patch))
         n_vox = int(np.prod(padded))
         acc = self._bufs.get("acc", k_out * n_vox * 4)
         wsum = self._bufs.get("wsum", n_vox * 4)
-        steps.append(lambda: ev["infer"][0].record(s))
-        steps.append(
-            lambda: k.launch("fill_f32", k_out * n_vox, [u64(acc.ptr), u64(k_out * n_vox), f32(0.0)], s)
-        )
-        steps.append(lambda: k.launch("fill_f32", n_vox, [u64(wsum.ptr), u64(n_vox), f32(0.0)], s))
+        prog.launch("fill_f32", k_out * n_vox, [u64(acc.ptr), u64(k_out * n_vox), f32(0.0)])
+        prog.launch("fill_f32", n_vox, [u64(wsum.ptr), u64(n_vox), f32(0.0)])
+        prog.record(ev["preprocess"][1])
+        prog.span("preprocess", *ev["preprocess"])
+        prog.record(ev["infer"][0])
         acc_fn = "sw_accumulate_f16" if self._half_out else "sw_accumulate_f32"
         dims = [i32(v) for v in padded]
         for i in range(0, len(starts), bs):
             group = starts[i : i + bs]
+            # A short last batch is filled up with its last window (run, never accumulated).
+            for j in range(bs):
+                a, b, c = group[min(j, len(group) - 1)]
+                prog.launch("sw_extract", c_in * int(np.prod(patch)), [u64(vol.ptr), u64(x.ptr), i32(int(self._half_in)),
+                            i32(j), i32(c_in), *dims, *[i32(v) for v in patch], i32(a), i32(b), i32(c)])  # fmt: skip
+            prog.infer(be, shape, x.ptr, y.ptr)
             for j, (a, b, c) in enumerate(group):
-                args = [u64(vol.ptr), u64(x.ptr), i32(int(self._half_in)), i32(j), i32(c_in), *dims,
-                        *[i32(v) for v in patch], i32(a), i32(b), i32(c)]  # fmt: skip
-                steps.append(lambda args=args: k.launch("sw_extract", c_in * int(np.prod(patch)), args, s))
-            n = len(group)
-            steps.append(lambda n=n: (be.bind((n, c_in, *patch), x.ptr, y.ptr), be.enqueue(s.handle)))
-            for j, (a, b, c) in enumerate(group):
-                args = [u64(y.ptr), i32(j), i32(k_out), *[i32(v) for v in patch], u64(weight), u64(acc.ptr),
-                        u64(wsum.ptr), *dims, i32(a), i32(b), i32(c)]  # fmt: skip
-                steps.append(lambda args=args: k.launch(acc_fn, int(np.prod(patch)), args, s))
-        steps.append(lambda: ev["infer"][1].record(s))
+                prog.launch(acc_fn, int(np.prod(patch)), [u64(y.ptr), i32(j), i32(k_out), *[i32(v) for v in patch],
+                            u64(weight), u64(acc.ptr), u64(wsum.ptr), *dims, i32(a), i32(b), i32(c)])  # fmt: skip
+        prog.record(ev["infer"][1])
+        prog.span("infer", *ev["infer"])
         p = self._post_params(acc.ptr, labels, conf, 1, k_out, padded, grid, 0)
-        ident += [bytes(p), repr(starts).encode()]
-        steps += [
-            lambda: ev["postprocess"][0].record(s),
-            lambda: k.launch(
-                "sw_finalize", k_out * n_vox, [u64(acc.ptr), u64(wsum.ptr), i32(k_out), u64(n_vox)], s
-            ),
-            lambda: k.launch("postprocess_f32", int(np.prod(grid)), [p], s),
-            lambda: ev["postprocess"][1].record(s),
-        ]
-        return steps
+        prog.launch("sw_finalize", k_out * n_vox, [u64(acc.ptr), u64(wsum.ptr), i32(k_out), u64(n_vox)])
+        prog.launch("postprocess_f32", int(np.prod(grid)), [p])
+        prog.span("postprocess", ev["infer"][1], ev["postprocess"][1])
 
-    def _execute(self, program: list[Callable[[], None]], key: bytes) -> None:
-        def enqueue() -> None:
-            for step in program:
-                step()
+    def _execute(self, prog: Program) -> None:
+        """Run ``prog``: replay its graph if captured; capture it the second time it is seen.
 
-        if self.use_graphs and self._graph is not None and key == self._graph_key:
-            self._graph.run()
+        Graphs are kept per program key (at most :data:`MAX_GRAPHS`). All of them share one
+        TensorRT execution context, so they must share its input shape too: a program with
+        other shapes drops them. A capture happens only right after a plain run with the same
+        shapes (TensorRT's state is then settled for them); it never runs inside a capture.
+        """
+        if not self.use_graphs:
+            prog()
             return
-        if self.use_graphs and key == self._last_key:
-            # Second time with the same launches: the previous run was the plain warm-up run.
-            self.stream.synchronize()
-            if self._graph is not None:
-                self._graph.close()
-            self._graph = GraphRunner(self.stream, enqueue)
-            if self._graph.capture():
-                self._graph_key = key
-                self._graph.run()
+        key, shapes = prog.key(), prog.trt_shapes
+        if shapes != self._graph_shapes:
+            self._drop_graphs()
+            self._graph_shapes = shapes
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            graph.run()
+            self._last_shapes = shapes
+            return
+        if key in self._seen and key not in self._uncapturable and self._last_shapes == shapes:
+            self.stream.synchronize()  # nothing of an earlier run may be pending in the capture
+            graph = GraphRunner(self.stream, prog)
+            if graph.capture():
+                self._graphs[key] = graph
+                while len(self._graphs) > MAX_GRAPHS:
+                    self._graphs.popitem(last=False)[1].close()
+                graph.run()
+                self._last_shapes = shapes
                 return
-            self._graph = None
-        enqueue()
-        self._last_key = key
+            if len(self._uncapturable) > 64:
+                self._uncapturable.clear()
+            self._uncapturable.add(key)
+        prog()
+        self._last_shapes = shapes
+        self._seen[key] = None
+        self._seen.move_to_end(key)
+        while len(self._seen) > 4 * MAX_GRAPHS:
+            self._seen.popitem(last=False)
+
+    def _drop_graphs(self) -> None:
+        for graph in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
 
     def close(self) -> None:
-        if self._graph is not None:
-            self._graph.close()
+        self._drop_graphs()
         self._bufs.close()
         for b in self._pinned.values():
             b.close()
         self._pinned.clear()
+        self.pool.close()
         self.kernels.close()
-
-
-def _to_source(grid_labels: np.ndarray, orient, oriented) -> np.ndarray:
-    """Grid labels back onto the source (z, y, x) grid: nearest resample, undo the orientation."""
-    out = resample(grid_labels, oriented, "nearest", (0, 1, 2))
-    return np.ascontiguousarray(orient.from_model(out))
 
 
 class GpuSegmenter:
@@ -454,6 +561,12 @@ class GpuSegmenter:
         self, volumes: Volume | Sequence[Volume], *, with_confidence: bool = False
     ) -> SegmentationResult:
         return self.pipeline.run(volumes, with_confidence=with_confidence)
+
+    @property
+    def pixel_allocator(self) -> PinnedPool:
+        """``out=`` for :func:`edgeseg.dicom.load_volume`: decode straight into pinned (Jetson:
+        mapped) memory that this segmenter's kernels read without a staging copy."""
+        return self.pipeline.pool
 
     def describe(self) -> dict:
         d = self.backend.describe()

@@ -193,12 +193,20 @@ def plan_channel(
     grid: tuple[int, int, int],
     padded: tuple[int, int, int],
     steps: list[object],
+    layout: tuple[np.dtype, tuple[int, int, int]] | None = None,
 ) -> ChannelPlan:
-    """Build the :class:`ChannelPlan` for one channel of ``volume`` under ``spec``."""
+    """Build the :class:`ChannelPlan` for one channel of ``volume`` under ``spec``.
+
+    ``layout`` is ``(dtype, element strides)`` of the buffer the kernel will actually read
+    (the GPU pipeline stages host arrays C-contiguously, and device arrays keep their own
+    strides); by default, those of ``volume.stored`` itself (what the numpy reference reads).
+    """
     stored = volume.stored
-    if stored.dtype not in SRC_DTYPES:
-        raise TypeError(f"stored pixels of dtype {stored.dtype} are not supported on the GPU path")
-    strides = tuple(s // stored.itemsize for s in stored.strides)
+    if layout is None:
+        layout = (np.dtype(stored.dtype), tuple(s // stored.itemsize for s in stored.strides))
+    src_dtype, strides = np.dtype(layout[0]), tuple(int(s) for s in layout[1])
+    if src_dtype not in SRC_DTYPES:
+        raise TypeError(f"stored pixels of dtype {src_dtype} are not supported on the GPU path")
     oriented = orient.model_shape(volume.shape)
     linear = spec.interpolation == "linear"
     parts = [
@@ -222,7 +230,7 @@ def plan_channel(
     return ChannelPlan(
         src_shape=volume.shape,
         src_strides=strides,  # type: ignore[arg-type]
-        src_dtype=stored.dtype,
+        src_dtype=src_dtype,
         grid=grid,
         padded=padded,
         linear=linear,
@@ -245,17 +253,43 @@ def plan_channel(
     )
 
 
-def plan_volumes(volumes: Volume | list[Volume], spec: ModelSpec) -> tuple[list[ChannelPlan], object]:
+def source_tables(
+    orient: Orientation, grid: tuple[int, int, int], src_shape: tuple[int, int, int]
+) -> np.ndarray:
+    """int64 ``[nz + ny + nx]``: for each source (z, y, x) index, the element offset into the
+    C-contiguous (D, H, W) grid labels of the voxel it takes — nearest resampling back to the
+    oriented shape, then the inverse reorientation, i.e. :func:`edgeseg.preprocess.labels_to_source`
+    folded into three per-axis tables (``gather_u8`` of postprocess.cu adds one from each).
+    """
+    grid_strides = (grid[1] * grid[2], grid[2], 1)
+    parts = []
+    for a in range(3):
+        m = orient.perm.index(a)  # the model axis that walks source axis a
+        n = int(src_shape[a])  # == the oriented extent of model axis m
+        d = np.arange(n, dtype=np.int64)
+        if orient.flips[m]:
+            d = n - 1 - d
+        g = d if grid[m] == n else nearest_indices(grid[m], n)[d]
+        parts.append(g.astype(np.int64) * grid_strides[m])
+    return np.concatenate(parts)
+
+
+def plan_volumes(
+    volumes: Volume | list[Volume], spec: ModelSpec, layouts: list | None = None
+) -> tuple[list[ChannelPlan], object]:
     """Plans for every channel plus the CPU path's geometry plan ``(orientation, oriented, grid)``.
 
     The geometry decisions (orientation, grid, padding) are taken from
-    :class:`edgeseg.preprocess.Preprocessor` itself, so both paths agree on them.
+    :class:`edgeseg.preprocess.Preprocessor` itself, so both paths agree on them. ``layouts``:
+    per channel, the ``layout`` of :func:`plan_channel` (None: the stored array's own).
     """
     vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
     pre = Preprocessor(spec)
     orient, oriented, grid = pre.plan(vols[0])
     padded = pre.padded_shape(grid)
+    layouts = list(layouts) if layouts is not None else [None] * len(vols)
     plans = [
-        plan_channel(v, spec, orient, grid, padded, spec.intensity_for_channel(c)) for c, v in enumerate(vols)
+        plan_channel(v, spec, orient, grid, padded, spec.intensity_for_channel(c), layouts[c])
+        for c, v in enumerate(vols)
     ]
     return plans, (orient, oriented, grid)

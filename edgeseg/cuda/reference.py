@@ -280,3 +280,11 @@ def sliding_window(
             wsum[region] = wsum[region] + weight
     assert acc is not None
     return acc / wsum[None]
+
+
+def gather_labels(grid_labels: np.ndarray, table: np.ndarray, src_shape: tuple[int, int, int]) -> np.ndarray:
+    """``gather_u8``: (D, H, W) grid labels → source (z, y, x) labels through ``source_tables``."""
+    nz, ny, nx = (int(n) for n in src_shape)
+    flat = np.ascontiguousarray(grid_labels).ravel()
+    idx = table[:nz, None, None] + table[nz : nz + ny][None, :, None] + table[nz + ny :][None, None, :]
+    return flat[idx]

@@ -82,3 +82,17 @@ __device__ void postprocess_body(const PostParams& p) {
 
 extern "C" __global__ void postprocess_f32(const PostParams p) { postprocess_body<float>(p); }
 extern "C" __global__ void postprocess_f16(const PostParams p) { postprocess_body<u16>(p); }
+
+// Grid labels -> source (z, y, x) grid: dst[z, y, x] = src[t[z] + t[nz + y] + t[nz + ny + x]], the
+// nearest resampling and the inverse reorientation folded into per-axis element offsets.
+// Reference: edgeseg/cuda/reference.py (gather_labels), tables: edgeseg/cuda/plan.py (source_tables).
+extern "C" __global__ void gather_u8(const u8* src, u8* dst, const i64* table, int nz, int ny, int nx) {
+    const i64 total = (i64)nz * ny * nx;
+    for (i64 i = global_index(); i < total; i += global_stride()) {
+        const int x = (int)(i % nx);
+        const i64 t = i / nx;
+        const int y = (int)(t % ny);
+        const int z = (int)(t / ny);
+        dst[i] = src[table[z] + table[nz + y] + table[nz + ny + x]];
+    }
+}
