@@ -59,18 +59,20 @@ class _Job:
     uid: str | None
 
 
-def _jobs(inputs: Sequence[str | Path], spec=None) -> Iterator[_Job | SeriesOutcome]:
+def _jobs(inputs: Sequence[str | Path], spec=None, out=None) -> Iterator[_Job | SeriesOutcome]:
     if spec is not None and spec.in_channels > 1:
         from edgeseg.multichannel import multichannel_jobs
 
         for item in multichannel_jobs(inputs, spec):
             yield item if isinstance(item, SeriesOutcome) else _Job(*item)
         return
-    yield from _single_jobs(inputs)
+    yield from _single_jobs(inputs, out)
 
 
-def _single_jobs(inputs: Sequence[str | Path]) -> Iterator[_Job | SeriesOutcome]:
-    """Expand inputs into per-series jobs (and outcomes for files that cannot be used)."""
+def _single_jobs(inputs: Sequence[str | Path], out=None) -> Iterator[_Job | SeriesOutcome]:
+    """Expand inputs into per-series jobs (and outcomes for files that cannot be used).
+
+    ``out``: where DICOM pixels are decoded into (:func:`edgeseg.dicom.load_volume`)."""
     from edgeseg.dicom import find_series, load_volume
 
     dicom_inputs: list[Path] = []
@@ -91,7 +93,7 @@ def _single_jobs(inputs: Sequence[str | Path]) -> Iterator[_Job | SeriesOutcome]
     for ref in scan.series:
         first = Path(ref.files[0])
         source = f"{first.parent} ({ref.label})" if ref.label else str(first.parent)
-        yield _Job(source, (lambda ref=ref: load_volume(ref)), ref.series_instance_uid)
+        yield _Job(source, (lambda ref=ref: load_volume(ref, out=out)), ref.series_instance_uid)
 
 
 def process_volume(
@@ -145,7 +147,7 @@ def process_series(
     source = str(files[0].parent) if files else "<no files>"
     t = time.perf_counter()
     try:
-        volume = read_volume(files)
+        volume = read_volume(files, out=getattr(segmenter, "pixel_allocator", None))
         read_ms = (time.perf_counter() - t) * 1e3
         outcome = process_volume(segmenter, volume, Path(out_dir), formats=formats, source=source)
     except Exception as exc:  # a listener must outlive any one series
@@ -189,7 +191,8 @@ def run_inputs(
     """
     outcomes: list[SeriesOutcome] = []
     out_dir = Path(out_dir)
-    jobs = list(_jobs(inputs, segmenter.spec))
+    # A GPU segmenter's allocator: pixels are decoded into memory its kernels read directly.
+    jobs = list(_jobs(inputs, segmenter.spec, getattr(segmenter, "pixel_allocator", None)))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeseg-read") as pool:
         pending: dict[int, Future] = {}
 

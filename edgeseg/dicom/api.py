@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from edgeseg._exceptions import DicomInputError
-from edgeseg.dicom.assemble import load_volume
+from edgeseg.dicom.assemble import PixelsOut, load_volume
 from edgeseg.dicom.scan import find_series
 from edgeseg.volume import Volume
 
@@ -18,8 +18,8 @@ def _where(inputs: Sequence[str | Path] | str | Path) -> str | None:
     return str(items[0]) if len(items) == 1 else None
 
 
-def read_volume(inputs: Sequence[str | Path] | str | Path) -> Volume:
-    """Load the one usable series in ``inputs``.
+def read_volume(inputs: Sequence[str | Path] | str | Path, *, out: PixelsOut = None) -> Volume:
+    """Load the one usable series in ``inputs`` (``out``: see :func:`load_volume`).
 
     Raises
     ------
@@ -43,7 +43,7 @@ def read_volume(inputs: Sequence[str | Path] | str | Path) -> Volume:
             _where(inputs),
             f"{len(scan.series)} image series found ({labels}{more}); pass the files of one series",
         )
-    return load_volume(scan.series[0])
+    return load_volume(scan.series[0], out=out)
 
 
 def iter_volumes(inputs: Sequence[str | Path] | str | Path) -> Iterator[Volume | DicomInputError]:

@@ -2,11 +2,13 @@
 
 Two passes over the files: the first reads headers with the pixel data deferred (so memory
 holds one volume, not two) and decides the slice order; the second decodes each instance once
-and copies its frames straight into a preallocated (z, y, x) array.
+and copies its frames straight into a preallocated (z, y, x) array — the caller's, if it gives
+one (``out=``: e.g. pinned memory the GPU reads in place).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from edgeseg.volume import Volume
 
 # Pixel data larger than this stays on disk until decoded (pydicom re-opens the file).
 _DEFER = "64 KB"
+# load_volume's ``out``: None, an array, or ``allocate(shape, dtype) -> array``.
+PixelsOut = np.ndarray | Callable[[tuple[int, ...], np.dtype], np.ndarray] | None
 
 
 @dataclass
@@ -117,13 +121,19 @@ def _geometry_of(
     return iop, warnings
 
 
-def load_volume(ref: SeriesRef) -> Volume:
+def load_volume(ref: SeriesRef, *, out: PixelsOut = None) -> Volume:
     """Decode and assemble one series part.
 
     Parameters
     ----------
     ref:
         A part found by :func:`find_series` (or built by hand from files of one series).
+    out:
+        Where the stored pixels go: ``None`` (a new array), an array of exactly the volume's
+        shape and dtype, or a callable ``out(shape, dtype)`` returning one — e.g. a GPU
+        segmenter's ``pixel_allocator``, so every decoded slice lands in pinned (on Jetson:
+        GPU-mapped) memory that the kernels read without another copy. The values are the
+        same whichever is used.
 
     Returns
     -------
@@ -138,14 +148,29 @@ def load_volume(ref: SeriesRef) -> Volume:
         one-sentence reason.
     """
     with quiet_pydicom():
-        return _load(ref)
+        return _load(ref, out)
 
 
-def _load(ref: SeriesRef) -> Volume:
+def _allocate(out: PixelsOut, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The array the decoded pixels are written into (see ``load_volume``'s ``out``)."""
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    array = out(shape, dtype) if callable(out) else out
+    if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
+        got = (getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__))
+        raise ValueError(f"'out' must give a {dtype} array of shape {shape} for this series, got {got}")
+    if not array.flags.writeable:
+        raise ValueError("'out' gave a read-only array")
+    return array
+
+
+def _load(ref: SeriesRef, out: PixelsOut = None) -> Volume:
     files = [Path(p) for p in ref.files]
     if not files:
         raise DicomInputError(None, f"series part '{ref.label}' has no files")
-    datasets = [ref.datasets.get(p) or _read(p) for p in files]  # the scan parsed most already
+    # The scan parsed most headers already; an earlier load of this ref dropped their pixel data.
+    cached = [ref.datasets.get(p) for p in files]
+    datasets = [ds if ds is not None and "PixelData" in ds else _read(p) for ds, p in zip(cached, files)]
     shape = (int(datasets[0].Rows), int(datasets[0].Columns))
     slices: list[_Slice] = []
     for fi, (path, ds) in enumerate(zip(files, datasets, strict=True)):
@@ -200,7 +225,7 @@ def _load(ref: SeriesRef) -> Volume:
         )
     )
     as_modality = dtype == np.float32
-    stored = np.empty((len(unique),) + shape, dtype=dtype)
+    stored = _allocate(out, (len(unique),) + shape, np.dtype(dtype))
     slot_of = {(s.file_index, s.frame_index): z for z, s in enumerate(unique)}
     dup_frames: dict[tuple[int, int], np.ndarray] = {}
     dup_keys = {(s.file_index, s.frame_index) for s, _ in dup_of}
