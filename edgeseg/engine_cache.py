@@ -3,9 +3,11 @@
 An engine only runs with the TensorRT version and GPU (compute capability) it was built for,
 and it encodes one ONNX file at one precision. The cache path spells the key out::
 
-    $EDGESEG_CACHE (default ~/.cache/edgeseg)/engines/<trt-version>/<sm>_<gpu-slug>/<onnx-sha256>-<precision>.plan
+    $EDGESEG_CACHE (default ~/.cache/edgeseg)/engines/<trt-version>/<sm>_<gpu-slug>/<onnx-sha256>-<precision>-<profile>.plan
 
-with a metadata JSON next to it. Opening checks the metadata first, so a mismatched engine is
+with a metadata JSON next to it. ``<profile>`` fingerprints the spec fields the optimization
+profile is built from (batch size, patch/target shape, divisibility, channels), so one ONNX
+shipped with another spec never reuses an engine whose profile rejects its shapes. Opening checks the metadata first, so a mismatched engine is
 refused with a sentence naming both sides (:class:`EngineMismatchError`), never handed to the
 deserializer. A missing engine is built once from the bundle's ONNX, with progress, and written
 atomically.
@@ -13,6 +15,7 @@ atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -36,15 +39,30 @@ class EngineKey:
     gpu: str  # device name slug
     onnx_sha256: str
     precision: str
+    profile: str = ""  # profile_id(spec); empty only for keys built by hand
 
     @property
     def relative_path(self) -> Path:
+        suffix = f"-{self.profile}" if self.profile else ""
         return (
             Path("engines")
             / self.trt_version
             / f"{self.sm}_{self.gpu}"
-            / f"{self.onnx_sha256}-{self.precision}.plan"
+            / f"{self.onnx_sha256}-{self.precision}{suffix}.plan"
         )
+
+
+def profile_id(spec: ModelSpec) -> str:
+    """12 hex digits naming what :func:`edgeseg.export.tensorrt_build.profile_shapes` reads."""
+    fields = {
+        "dims": spec.dims,
+        "in_channels": spec.in_channels,
+        "batch_size": spec.batch_size,
+        "patch_size": list(spec.patch_size) if spec.patch_size is not None else None,
+        "target_shape": list(spec.target_shape) if spec.target_shape is not None else None,
+        "divisible_by": spec.divisible_by,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cache_root() -> Path:
@@ -66,9 +84,10 @@ def check_metadata(meta: dict, key: EngineKey, where: str) -> None:
             f"({meta.get('gpu_name', 'unknown GPU')}), but this machine has TensorRT {key.trt_version} "
             f"on {key.sm} ({key.gpu}); it will not be used — rebuild it here"
         )
-    if meta.get("onnx_sha256") not in (None, key.onnx_sha256) or meta.get("precision") not in (
-        None,
-        key.precision,
+    if (
+        meta.get("onnx_sha256") not in (None, key.onnx_sha256)
+        or meta.get("precision") not in (None, key.precision)
+        or meta.get("profile") not in (None, "", key.profile)
     ):
         raise EngineMismatchError(
             f"the engine {where} encodes another model or precision ({meta.get('precision')}, ONNX "
@@ -76,13 +95,16 @@ def check_metadata(meta: dict, key: EngineKey, where: str) -> None:
         )
 
 
-def current_key(onnx_sha256: str, precision: str, device_index: int = 0) -> EngineKey:
+def current_key(
+    onnx_sha256: str, precision: str, device_index: int = 0, spec: ModelSpec | None = None
+) -> EngineKey:
     from edgeseg._optional import require
     from edgeseg.cuda.device import device_info
 
     trt = require("tensorrt", extra="gpu", feature="The TensorRT backend")
     dev = device_info(device_index)
-    return EngineKey(str(trt.__version__), dev.sm, dev.slug, onnx_sha256, precision)
+    profile = profile_id(spec) if spec is not None else ""
+    return EngineKey(str(trt.__version__), dev.sm, dev.slug, onnx_sha256, precision, profile)
 
 
 def load_or_build(
@@ -102,7 +124,7 @@ def load_or_build(
     Returns ``(plan, path, built)``. ``builder`` defaults to
     :func:`edgeseg.export.tensorrt_build.build_engine` (injectable for tests).
     """
-    key = key or current_key(onnx_sha256, precision)
+    key = key or current_key(onnx_sha256, precision, spec=spec)
     path = engine_path(key, root)
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file():

@@ -251,3 +251,34 @@ def test_tensorrt_backend_refuses_clearly_without_tensorrt():
 
     with pytest.raises(BackendError, match=r"pip install 'edgeseg\[gpu\]'"):
         TensorRTBackend(b"plan")
+
+
+def test_engine_cache_key_names_the_optimization_profile(tmp_path):
+    """One ONNX shipped with two specs whose profiles differ must not share an engine: the
+    second would be refused at set_input_shape (outside its profile) on the device."""
+    from dataclasses import replace
+
+    from edgeseg.engine_cache import load_or_build, profile_id
+    from edgeseg.export.tensorrt_build import profile_shapes
+
+    spec = _spec()
+    other = replace(spec, batch_size=4)
+    assert profile_shapes(spec) != profile_shapes(other)
+    assert profile_id(spec) != profile_id(other) and profile_id(spec) == profile_id(replace(spec))
+    assert profile_id(spec) == profile_id(replace(spec, overlap=0.75))  # not a profile input
+    builds = []
+
+    def builder(onnx, s, **kw):
+        builds.append(s.batch_size)
+        return f"PLAN{s.batch_size}".encode()
+
+    paths = []
+    for s in (spec, other, spec):
+        key = _key(profile=profile_id(s))
+        plan, path, _ = load_or_build(
+            b"o", "ab" * 32, s, "int8", key=key, root=tmp_path, builder=builder, echo=print
+        )
+        assert plan == f"PLAN{s.batch_size}".encode()
+        paths.append(path)
+    assert builds == [2, 4] and paths[0] == paths[2] != paths[1]
+    assert json.loads(paths[1].with_suffix(".json").read_text())["profile"] == profile_id(other)
