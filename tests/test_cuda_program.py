@@ -15,6 +15,7 @@ import ctypes
 import gc
 import itertools
 import re
+import types
 
 import numpy as np
 import pytest
@@ -193,9 +194,18 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(P, "PinnedBuffer", HostPinned)
         monkeypatch.setattr(P, "Event", FakeEvent)
         monkeypatch.setattr(P, "device_info", lambda i: DeviceInfo(i, "fake", 8, 7, integrated, 1 << 30))
+        made_current: list[int] = []
+
+        def set_device(index):
+            made_current.append(index)
+            return (0,)  # cudaSuccess, as cuda-bindings returns it
+
+        runtime = types.SimpleNamespace(cudaSetDevice=set_device)
+        monkeypatch.setattr(P, "runtime_module", lambda: runtime)
         monkeypatch.setattr(module, "Kernels", lambda arch: FakeKernels(memory))
         pipe = P.GpuPipeline(spec, FakeBackend(memory, k, in_dtype), use_graphs=use_graphs)
         pipe.pool = P.PinnedPool(mapped=integrated, factory=lambda n, m: HostPinned((n,), np.uint8, mapped=m))
+        pipe.made_current = made_current  # devices made current by run(), in order
         return pipe
 
     return make, memory
@@ -234,6 +244,7 @@ def test_every_launch_matches_its_kernel_signature(fake_gpu, name, integrated):
     assert names.count("gather_u8") == 2  # labels and confidence come back on the source grid
     assert any(n.startswith("preprocess_") for n in names)
     assert pipe.backend.enqueued and len(set(pipe.backend.enqueued)) == 1  # one TensorRT shape
+    assert pipe.made_current == [0]  # the calling thread gets the pipeline's device
 
 
 def test_2d_batches_cover_every_slice_with_one_shape(fake_gpu):

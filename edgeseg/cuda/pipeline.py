@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgeseg._exceptions import BackendError, SpecError
+from edgeseg.cuda._api import check, runtime_module
 from edgeseg.cuda.device import device_info
 from edgeseg.cuda.graph import GraphRunner
 from edgeseg.cuda.interop import as_device_view
@@ -334,6 +335,9 @@ class GpuPipeline:
         if len(vols) != spec.in_channels:
             raise SpecError(f"the model takes {spec.in_channels} input channel(s), got {len(vols)}")
         ev, s = self._events, self.stream
+        # The calling thread (a stream worker, a reader) may have another device current, or
+        # none: the driver-API launches need this pipeline's context current here.
+        check(runtime_module().cudaSetDevice(self.device.index), "cudaSetDevice")
         # Host staging buffers are rewritten below: nothing of an earlier call (one that raised
         # half-way, say) may still be copying out of them. Free when the stream is idle.
         s.synchronize()
