@@ -90,6 +90,8 @@ def quantize_int8(
     method: str = "percentile",
     variants: Sequence[str] = ("int8", "int8_cpu"),
     keep_fp32: Sequence[str] = (),
+    tune_cpu: bool = True,
+    tune_budget_s: float = 60.0,
 ) -> QuantResult:
     """Calibrate ``fp32`` on ``batches`` once and write the requested Q/DQ variants.
 
@@ -105,10 +107,13 @@ def quantize_int8(
         any of "int8" (TensorRT rules) and "int8_cpu" (ORT x86 CPU).
     keep_fp32:
         node names or op types left unquantized.
+    tune_cpu:
+        shape ``int8_cpu`` by timings on this host (phase convolutions for ConvTranspose,
+        few-channel convs kept float: :mod:`edgeseg.calib.cpu_tuning`); off: plain Q/DQ.
     """
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import create_calibrator, load_tensors_data, save_tensors_data
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization.calibrate import load_tensors_data
 
     if not batches:
         raise CalibrationError("the calibration set is empty: nothing to compute ranges from")
@@ -136,48 +141,49 @@ def quantize_int8(
         # Names are resolved on the graph that is quantized (BatchNorm folded away by now).
         excluded = resolve_keep(onnx.load(str(src)), keep_fp32)
         cache = Path(tmp) / "ranges.json"
-        # One calibration pass; both variants read its ranges from ORT's calibration cache.
-        try:
-            calibrator = create_calibrator(
-                src,
-                None,
-                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                calibrate_method=ort_method(method),
-                extra_options=calibrator_options(method),
+        calib_src = src
+        if "int8_cpu" in variants and tune_cpu:
+            # Calibrate the graph with every ConvTranspose as phase convolutions: it computes
+            # the same tensors as the original plus the phase outputs, so one calibration
+            # serves the TensorRT graph and every CPU variant the tuning tries.
+            calib_src = _with_phase_convs(src, Path(tmp) / "fp32.phase.onnx", keep=excluded)
+        _calibrate(calib_src, tmp, cache, batches, input_name, method)
+
+        def quantize(graph: Path | Any, variant: str, nodes_to_exclude: Sequence[str]) -> bytes:
+            if not isinstance(graph, Path):
+                path = Path(tmp) / f"{variant}.in.onnx"
+                onnx.save_model(graph, str(path))
+                graph = path
+            return _quantize_static(
+                graph,
+                Path(tmp) / f"{variant}.onnx",
+                configs[variant],
+                variant,
+                method,
+                nodes_to_exclude,
+                cache,
             )
-            calibrator.collect_data(make_reader(batches, input_name))
-            save_tensors_data(calibrator.compute_data(), cache)
-            del calibrator
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CalibrationError(f"calibration ({method}) failed when running the model: {first}") from None
+
+        tuning: dict[str, Any] = {}
         for variant in variants:
-            cfg = configs[variant]
-            extra = dict(cfg["extra_options"])  # type: ignore[call-overload]
-            dst = Path(tmp) / f"{variant}.onnx"
-            try:
-                quantize_static(
-                    str(src),
-                    str(dst),
-                    None,
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=cfg["activation_type"],
-                    weight_type=cfg["weight_type"],
-                    reduce_range=cfg["reduce_range"],
-                    nodes_to_exclude=excluded,
-                    calibrate_method=ort_method(method),
-                    calibration_cache_path=str(cache),
-                    extra_options=extra,
+            if variant == "int8_cpu" and tune_cpu:
+                from edgeseg.calib.cpu_tuning import tune_cpu_int8
+
+                choice = tune_cpu_int8(
+                    onnx.load(str(src)),
+                    lambda g, ex: quantize(g, "int8_cpu", ex),
+                    np.ascontiguousarray(batches[0][:4], dtype=np.float32),
+                    keep=excluded,
+                    budget_s=tune_budget_s,
                 )
-            except CalibrationError:
-                raise
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CalibrationError(
-                    f"ONNX Runtime could not quantize the model ({variant}): {first}"
-                ) from None
-            out[variant] = dst.read_bytes()
+                out[variant] = choice.model
+                tuning = {
+                    "phase_conv": choice.phase_conv,
+                    "kept_fp32": choice.kept_fp32,
+                    "trials": choice.trials,
+                }
+            else:
+                out[variant] = quantize(src, variant, excluded)
         ranges = _ranges(load_tensors_data(cache))
     settings = {
         "method": method,
@@ -187,7 +193,79 @@ def quantize_int8(
         "n_batches": len(batches),
         "n_samples": int(sum(b.shape[0] for b in batches)),
     }
+    if tuning:
+        settings["int8_cpu_tuning"] = tuning
     return QuantResult(out, ranges, settings, excluded)
+
+
+def _calibrate(
+    src: Path, tmp: str, cache: Path, batches: Sequence[np.ndarray], input_name: str, method: str
+) -> None:
+    """Run the calibration pass once and write the tensor ranges to ``cache``."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    try:
+        calibrator = create_calibrator(
+            src,
+            None,
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=ort_method(method),
+            extra_options=calibrator_options(method),
+        )
+        calibrator.collect_data(make_reader(batches, input_name))
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationError(f"calibration ({method}) failed when running the model: {first}") from None
+
+
+def _quantize_static(
+    src: Path,
+    dst: Path,
+    cfg: dict[str, Any],
+    variant: str,
+    method: str,
+    excluded: Sequence[str],
+    cache: Path,
+) -> bytes:
+    """One Q/DQ variant of ``src`` from the ranges in ``cache``."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    try:
+        quantize_static(
+            str(src),
+            str(dst),
+            None,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=cfg["activation_type"],
+            weight_type=cfg["weight_type"],
+            reduce_range=cfg["reduce_range"],
+            nodes_to_exclude=list(excluded),
+            calibrate_method=ort_method(method),
+            calibration_cache_path=str(cache),
+            extra_options=dict(cfg["extra_options"]),
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationError(f"ONNX Runtime could not quantize the model ({variant}): {first}") from None
+    return dst.read_bytes()
+
+
+def _with_phase_convs(src: Path, dst: Path, *, keep: Sequence[str]) -> Path:
+    """``src`` with every rewritable ConvTranspose (not in ``keep``) as phase convolutions."""
+    import onnx
+
+    from edgeseg.export.phase_conv import rewrite_conv_transpose
+
+    model = onnx.load(str(src))
+    wanted = {n.name for n in model.graph.node if n.op_type == "ConvTranspose" and n.name not in keep}
+    model, replaced = rewrite_conv_transpose(model, only=wanted)
+    if not replaced:
+        return src
+    onnx.save_model(model, str(dst))
+    return dst
 
 
 def prepare_for_quantization(src: Path, dst: Path) -> Path:
