@@ -69,6 +69,10 @@ class Case:
     reps: int  # timed repetitions per pipeline (default run)
     note: str = ""
     skip: str = ""  # non-empty: why this case cannot run here
+    # Calibration set for int8 and the gate (default: the benchmark series itself) and the gate's
+    # threshold: 0 for untrained weights, whose labels are noise (speed only), 0.99 for trained.
+    calibration: Callable[[ModelSpec], Any] | None = None
+    min_dice: float = 0.0
 
 
 def _monai_unet(dims: int, channels: Sequence[int], norm: str | None = None, act: str | None = None) -> Any:
@@ -121,24 +125,45 @@ def _ct_spec() -> ModelSpec:
 
 
 def _hippocampus_case() -> Case:
-    """Hook for examples/hippocampus (a colleague's 2D model): spec.json + model.pt (TorchScript)."""
+    """examples/hippocampus's 2D U-Net (trained on MSD Task04, tests/assets) on a real TCIA MR
+    series, int8 calibrated on MSD hippocampus volumes and gated at 0.99 Dice vs fp32."""
     root = REPO / "examples" / "hippocampus"
-    spec_path = root / "spec.json"
-    model = next((p for p in (root / "model.pt", root / "model.ts") if p.is_file()), None)
+    weights = REPO / "tests" / "assets" / "hippocampus" / "unet2d.state.pt"
+    msd = SHARED / "data" / "seg" / "msd_task04_hippocampus"
     files = _series("tcia_brain_tumor_progression/*/11_HCropVolume/*.dcm")
-    skip = ""
-    if not spec_path.is_file() or model is None:
-        skip = "examples/hippocampus not ready (needs spec.json + model.pt); hook left in _hippocampus_case"
-    spec = load_spec(str(spec_path)) if not skip else _ct_spec()
+    skip = "" if msd.is_dir() else f"MSD hippocampus data not found at {msd}"
+
+    def model() -> Any:
+        import importlib.util
+
+        import torch
+
+        spec = importlib.util.spec_from_file_location("hippo_train", root / "train.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        net = mod.make_model(2)
+        net.load_state_dict(torch.load(weights, map_location="cpu"))
+        return net.eval()
+
+    def calibration(spec: ModelSpec) -> Any:
+        from edgeseg.calib.dataset import CalibrationSet
+
+        images = sorted((msd / "imagesTr").glob("*.nii.gz"))[:40]
+        return CalibrationSet.from_paths(
+            images, spec, labels=msd / "labelsTr", max_samples=200, max_holdout=8
+        )
+
     return Case(
         "hippocampus_2d",
-        "(b) hippocampus 2D (examples/hippocampus) on TCIA HippoCrop MR",
+        "(b) hippocampus 2D U-Net (examples/hippocampus, trained), TCIA HippoCrop MR",
         files,
-        spec,
-        (lambda: _torchscript(model)) if model else (lambda: None),
-        "trained (examples/hippocampus)",
+        load_spec(str(root / "spec2d.json")),
+        model,
+        "trained on MSD Task04 (tests/assets/hippocampus/unet2d.state.pt)",
         reps=8,
         skip=skip,
+        calibration=calibration,
+        min_dice=0.99,
     )
 
 
@@ -243,6 +268,7 @@ def bundle_for(case: Case, folder: Path, rebuild: bool) -> tuple[Path, Path, dic
     info["cpu_precision"] = b.cpu_precision
     info["artifact_bytes"] = b.describe()["artifact_bytes"]
     info["bundle_bytes"] = path.stat().st_size
+    info.update(gate_and_timings(b.manifest))
     return path, onnx_path, info
 
 
@@ -256,14 +282,13 @@ def _build(case: Case, path: Path) -> dict[str, Any]:
     logging.getLogger("edgeseg").setLevel(logging.ERROR)
     volume = read_volume(case.files)
     t = time.perf_counter()
-    precisions: tuple[str, ...] = ("fp32",)
-    note = ""
-    try:
-        import edgeseg.calib.precision  # noqa: F401  (a colleague's int8 work; may not exist yet)
+    from edgeseg.calib.dataset import CalibrationSet
 
-        precisions = ("fp32", "int8")
-    except ImportError as exc:
-        note = f"int8 not built: edgeseg.calib.precision unavailable ({exc})"
+    note = ""
+    if case.calibration is not None:
+        calibration = case.calibration(case.spec)
+    else:  # speed only: calibrate on the benchmark series, gate against fp32 on it
+        calibration = CalibrationSet.from_volumes([volume], case.spec, holdout=[volume])
     model = case.make_model()
     try:
         report = build_bundle(
@@ -272,15 +297,28 @@ def _build(case: Case, path: Path) -> dict[str, Any]:
             path,
             name=case.key,
             parity_volumes=[volume],
-            precisions=precisions,
-            calibration=[volume],
+            precisions=("fp32", "int8"),
+            calibration=calibration,
+            gate={"min_dice": case.min_dice},
         )
-    except Exception as exc:  # int8 build is someone else's work in progress: fall back to fp32
-        if precisions == ("fp32",):
-            raise
-        note = f"int8 build failed ({type(exc).__name__}: {str(exc)[:160]}); fp32 only"
+    except Exception as exc:  # e.g. every int8 candidate failed the gate: benchmark fp32 only
+        note = f"int8 not built ({type(exc).__name__}: {str(exc)[:200]}); fp32 only"
         report = build_bundle(model, case.spec, path, name=case.key, parity_volumes=[volume])
     return {"build_s": round(time.perf_counter() - t, 1), "parity": report.parity, "int8_note": note}
+
+
+def gate_and_timings(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the build recorded: the gate per variant and the CPU timings ``auto`` chose from."""
+    accuracy = manifest.get("accuracy") or {}
+    return {
+        "gate": {
+            p: {"min_dice_vs_fp32": r.get("min_dice_vs_fp32"), "passed": r.get("passed")}
+            for p, r in accuracy.items()
+            if p != "fp32"
+        },
+        "gate_min_dice": next((r.get("min_dice") for r in accuracy.values()), None),
+        "cpu_ms_per_batch": dict(manifest.get("runtime", {}).get("cpu_ms", {})),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +399,9 @@ def make_pipeline(name: str, case: Case, bundle: Path, onnx_path: Path) -> tuple
 
         b = Bundle.open(bundle)
         if b.cpu_precision == "fp32":
-            return None, f"n/a: bundle has {'+'.join(b.precisions)}, auto = fp32 (no int8_cpu yet)"
+            has = "+".join(b.precisions)
+            why = "the build measured fp32 fastest here" if "int8_cpu" in b.precisions else "no int8_cpu"
+            return None, f"n/a: bundle has {has}, auto = fp32 ({why})"
         return EdgesegPipeline(name, bundle, precision=None), f"auto = {b.cpu_precision}"
     from edgeseg.segmenter import gpu_available
 
@@ -806,6 +846,19 @@ def report(doc: dict[str, Any], out: Path) -> str:
             f"- {x['key']}: {x['build']['bundle_bytes'] / 1e6:.2f} MB bundle; per precision "
             + ", ".join(f"{p} {n / 1e6:.2f} MB" for p, n in x["build"]["artifact_bytes"].items())
             + (f" ({x['build']['int8_note']})" if x["build"].get("int8_note") else "")
+            for x in shown
+        ],
+        "",
+        "## int8: gate and the build's own CPU timing (ms per batch, what `auto` chose from)",
+        "",
+        *[
+            f"- {x['key']}: gate ≥ {x['build'].get('gate_min_dice') or 0:g} Dice vs fp32 "
+            + ("(speed only: untrained weights) " if not x["build"].get("gate_min_dice") else "")
+            + "; ".join(
+                f"{p} {g['min_dice_vs_fp32']} {'pass' if g['passed'] else 'FAIL'}"
+                for p, g in x["build"].get("gate", {}).items()
+            )
+            + f" — {x['build'].get('cpu_ms_per_batch', {})} → auto = {x['build'].get('cpu_precision')}"
             for x in shown
         ],
         "",

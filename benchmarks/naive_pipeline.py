@@ -89,7 +89,8 @@ def _resize(x: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(x))[None, None] if x.ndim == len(shape) else torch.from_numpy(x)
+    # (N, C, *spatial) for interpolate: leading axes (2D slices of a volume) become the batch.
+    t = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, 1, *x.shape[x.ndim - len(shape) :])
     if mode == "nearest":
         out = F.interpolate(t, size=tuple(shape), mode="nearest-exact")
     else:
@@ -262,6 +263,10 @@ def write_seg(
     for ds in datasets:  # highdicom rejects an empty SpecificCharacterSet (the real CT has one)
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet
+        # ... and needs type 2 patient attributes that anonymised series (TCIA) leave out.
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+            if keyword not in ds:
+                setattr(ds, keyword, None)
 
     descriptions = []
     for i, lab in enumerate(spec.labels, start=1):
