@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ def quantize_int8(
     keep_fp32: Sequence[str] = (),
     tune_cpu: bool = True,
     tune_budget_s: float = 60.0,
+    calibration_cache: str | Path | None = None,
 ) -> QuantResult:
     """Calibrate ``fp32`` on ``batches`` once and write the requested Q/DQ variants.
 
@@ -110,6 +112,11 @@ def quantize_int8(
     tune_cpu:
         shape ``int8_cpu`` by timings on this host (phase convolutions for ConvTranspose,
         few-channel convs kept float: :mod:`edgeseg.calib.cpu_tuning`); off: plain Q/DQ.
+    calibration_cache:
+        a JSON file of ORT tensor ranges. When it exists, its ranges are used and no
+        calibration pass runs (re-quantizing with more layers kept fp32: the ranges must come
+        from an earlier call on the same model, same method, with a subset of ``keep_fp32``);
+        when it does not, the ranges of this call's calibration are written there.
     """
     import onnx
     from onnxruntime.quantization import QuantType
@@ -147,7 +154,12 @@ def quantize_int8(
             # the same tensors as the original plus the phase outputs, so one calibration
             # serves the TensorRT graph and every CPU variant the tuning tries.
             calib_src = _with_phase_convs(src, Path(tmp) / "fp32.phase.onnx", keep=excluded)
-        _calibrate(calib_src, tmp, cache, batches, input_name, method)
+        if calibration_cache is not None and Path(calibration_cache).is_file():
+            shutil.copyfile(calibration_cache, cache)
+        else:
+            _calibrate(calib_src, tmp, cache, batches, input_name, method)
+            if calibration_cache is not None:
+                shutil.copyfile(cache, calibration_cache)
 
         def quantize(graph: Path | Any, variant: str, nodes_to_exclude: Sequence[str]) -> bytes:
             if not isinstance(graph, Path):
