@@ -60,16 +60,23 @@ def run_gate(
     holdout: Sequence[HeldOut],
     *,
     min_dice: float = 0.99,
+    reference: Sequence[np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per precision: Dice vs fp32 (and vs ground truth where labels exist) and pass/fail.
 
-    ``models`` must contain "fp32" (the reference). Returns ``{precision: report}``.
+    ``models`` must contain "fp32" (the reference) unless ``reference`` gives the fp32 labels
+    of every held-out series already (:func:`segment_all`); then "fp32" is optional and is not
+    segmented again. Returns ``{precision: report}`` for the precisions in ``models``.
     """
     labels = [lab.value for lab in spec.labels]
-    outputs = {p: segment_all(m, spec, holdout, p) for p, m in models.items()}
+    if reference is None:
+        if "fp32" not in models:
+            raise ValueError("run_gate needs the fp32 model or its labels (reference=)")
+        reference = segment_all(models["fp32"], spec, holdout, "fp32")
+    ref = list(reference)
+    outputs = {p: (ref if p == "fp32" else segment_all(m, spec, holdout, p)) for p, m in models.items()}
     truth = [h.labels for h in holdout]
     have_truth = bool(truth) and all(t is not None for t in truth)
-    ref = outputs["fp32"]
     report: dict[str, dict[str, Any]] = {}
     for prec, preds in outputs.items():
         vs_fp32 = pooled_dice(preds, ref, labels)

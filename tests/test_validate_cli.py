@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -23,7 +24,9 @@ def folders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hippo_cli")
     names = sorted(p.name for p in (root / "imagesTr").glob("*.nii.gz"))
     out = {}
-    for key, chosen in (("calib", names[20:32]), ("val", names[-3:])):
+    # The calibration cases and size are those of tests/test_precision_gate.py's set, where int8
+    # fails the default gate as calibrated and passes with layers kept fp32.
+    for key, chosen in (("calib", names[:20]), ("val", names[-3:])):
         for kind, src in (("images", "imagesTr"), ("labels", "labelsTr")):
             d = tmp / key / kind
             d.mkdir(parents=True)
@@ -53,11 +56,19 @@ def test_build_engine_then_validate(folders, torchscript):
     runner = CliRunner()
     args = ["build-engine", str(torchscript), "--spec", str(EXAMPLE / "spec2d.json"), "-o", str(bundle)]
     args += ["--precision", "auto", "--calib", str(folders["calib_images"]), "--calib-labels"]
-    args += [str(folders["calib_labels"]), "--calib-size", "64", "--min-dice", "0.97"]
+    args += [str(folders["calib_labels"]), "--calib-size", "96"]  # the default --min-dice 0.99
     args += ["--parity-input", str(next(folders["val_images"].iterdir()))]
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "int8: Dice vs fp32" in res.output and "CPU choice:" in res.output
+    assert "CPU choice:" in res.output
+    assert re.search(
+        r"int8: Dice vs fp32 0\.99\d+ → kept \((\d+) layer\(s\) kept fp32 automatically", res.output
+    )
+    assert "... auto-keep round 1:" in res.output  # progress lines
+    info = runner.invoke(main, ["info", str(bundle)])
+    assert info.exit_code == 0, info.output
+    assert re.search(r"int8: mean Dice vs fp32 [\d.]+, min 0\.99\d+, passed=True", info.output)
+    assert "    kept fp32 automatically (" in info.output and "auto-keep rounds" in info.output
     assert list((folders["root"] / ".calib-cache").glob("calib-*.npz"))
 
     res = runner.invoke(
@@ -96,6 +107,19 @@ def test_build_engine_then_validate(folders, torchscript):
     assert fp32["anterior"]["dice"] > 0.6 and fp32["anterior"]["dice_vs_fp32"] == 1.0
     assert abs(int8["anterior"]["dice"] - fp32["anterior"]["dice"]) < 0.05
     assert int8["anterior"]["hd95"] is None  # --no-hd95
+
+
+def test_build_engine_no_auto_keep_refuses_int8(folders, torchscript, tmp_path):
+    from edgeseg.cli import main
+
+    out = tmp_path / "plain.edgeseg"
+    args = ["build-engine", str(torchscript), "--spec", str(EXAMPLE / "spec2d.json"), "-o", str(out)]
+    args += ["--precision", "int8", "--calib", str(folders["calib_images"]), "--calib-labels"]
+    args += [str(folders["calib_labels"]), "--calib-size", "96", "--no-auto-keep"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert re.search(r"int8: Dice vs fp32 0\.98\d+ → REFUSED", res.output)
+    assert "warning: int8 fails the gate" in res.output and "auto-keep" not in res.output
 
 
 def test_validate_without_pairs_is_one_sentence(folders, tmp_path):

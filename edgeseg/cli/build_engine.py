@@ -82,6 +82,14 @@ def _resolve_model(model: str):
 @click.option(
     "--keep-fp32", default="", help="Comma list of node names or op types kept in fp32 when quantizing."
 )
+@click.option(
+    "--auto-keep/--no-auto-keep",
+    "auto_keep",
+    default=True,
+    show_default=True,
+    help="When an int8 variant fails the gate, keep the layers that hurt most in fp32 (a few per "
+    "round, bounded) and gate again; off: a failing int8 variant is dropped as calibrated.",
+)
 @click.option("--force", is_flag=True, help="Write candidates that fail the accuracy gate anyway.")
 @click.option("--opset", default=17, show_default=True)
 @click.option(
@@ -106,6 +114,7 @@ def build_engine(
     calib_size,
     min_dice,
     keep_fp32,
+    auto_keep,
     force,
     opset,
     exporter,
@@ -141,7 +150,12 @@ def build_engine(
         )
     elif any(p == "int8" for p in precisions):
         raise click.UsageError("int8 needs a calibration set: pass --calib DIR (real images)")
-    gate = {"min_dice": min_dice, "method": calib_method, "keep_fp32": [s for s in keep_fp32.split(",") if s]}
+    gate = {
+        "min_dice": min_dice,
+        "method": calib_method,
+        "keep_fp32": [s for s in keep_fp32.split(",") if s],
+        "auto_keep": auto_keep,
+    }
     report = build_bundle(
         resolved,
         spec,
@@ -157,6 +171,7 @@ def build_engine(
         calibration=calibration,
         gate=gate,
         force=force,
+        progress=None if as_json else (lambda msg: click.echo(f"... {msg}", err=True)),
     )
     if engine:
         from edgeseg.engine_cache import build_engines_for_bundle  # type: ignore[import-not-found]
@@ -174,8 +189,15 @@ def build_engine(
         )
     for prec, rep in (report.accuracy or {}).items():
         if isinstance(rep, dict) and "mean_dice_vs_fp32" in rep:
+            auto = rep.get("auto_kept_fp32")
+            extra = (
+                f" ({len(auto)} layer(s) kept fp32 automatically, round {rep['auto_keep_round']})"
+                if auto and rep.get("passed")
+                else ""
+            )
             click.echo(
-                f"{prec}: Dice vs fp32 {rep['mean_dice_vs_fp32']:.4f} → {'kept' if rep.get('passed') else 'REFUSED'}"
+                f"{prec}: Dice vs fp32 {rep['mean_dice_vs_fp32']:.4f} → "
+                f"{'kept' if rep.get('passed') else 'REFUSED'}{extra}"
             )
     rows = [[k, f"{v:.2f}"] for k, v in report.timings_s.items()]
     click.echo(table(rows, ["stage", "seconds"]))

@@ -45,8 +45,15 @@ def info(bundle: str, as_json: bool, ranges: bool) -> None:
             if isinstance(rep, dict):
                 click.echo(
                     f"  {prec}: mean Dice vs fp32 {rep.get('mean_dice_vs_fp32', 'n/a')}, "
-                    f"passed={rep.get('passed')}"
+                    f"min {rep.get('min_dice_vs_fp32', 'n/a')}, passed={rep.get('passed')}"
                 )
+                auto = rep.get("auto_kept_fp32")
+                if auto:
+                    click.echo(f"    kept fp32 automatically ({len(auto)}): {', '.join(auto)}")
+                history = rep.get("auto_keep_rounds") or []
+                if len(history) > 1:
+                    rounds = ", ".join(f"{r['kept_fp32']} → {r['min_dice_vs_fp32']}" for r in history)
+                    click.echo(f"    auto-keep rounds (layers kept fp32 → min Dice vs fp32): {rounds}")
     parity = d.get("provenance", {}).get("parity")
     if parity:
         click.echo(
