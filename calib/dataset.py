@@ -38,7 +38,8 @@ MIN_PER_CASE = {2: 4, 3: 2}
 class Case:
     """One source series: a NIfTI file or a DICOM series, with optional ground-truth labels.
 
-    ``load`` returns the Volume; ``labels`` is a NIfTI label file on the same grid, or None.
+    ``load`` returns the Volume; ``labels`` is a NIfTI label file on the same grid, a DICOM
+    SEG referencing the series, or None.
     """
 
     name: str
@@ -127,8 +128,9 @@ class CalibrationSet:
         spec:
             the bundle's spec; samples are preprocessed with it (:class:`~edgeseg.preprocess.Preprocessor`).
         labels:
-            folder of NIfTI label maps with the same file names as the NIfTI images (optional;
-            lets the gate also report Dice against ground truth).
+            folder of ground truth (optional; lets the gate also report Dice against it):
+            NIfTI label maps with the same file names as the NIfTI images, and/or DICOM SEG
+            files matched to the DICOM series by the Series Instance UID they reference.
         max_samples:
             the size budget: at most this many slices (2D) or patches (3D).
         holdout, max_holdout:
@@ -205,7 +207,7 @@ class CalibrationSet:
             samples.extend(picked)
             used.append(case.name)
             if case.labels is not None:
-                fg.append(float((nifti_labels(case.labels) > 0).mean()))
+                fg.append(float((case_labels(case, vol, spec) > 0).mean()))
         if not samples:
             detail = f" ({failed[0]})" if failed else ""
             raise CalibrationError(f"no usable image series for calibration{detail}")
@@ -216,7 +218,7 @@ class CalibrationSet:
             except DicomInputError as exc:
                 failed.append(f"{case.name}: {exc.reason}")
                 continue
-            lab = nifti_labels(case.labels) if case.labels is not None else None
+            lab = case_labels(case, vol, spec) if case.labels is not None else None
             if lab is not None and lab.shape != vol.shape:
                 raise CalibrationError(
                     f"{case.labels}: label map shape {lab.shape} differs from its image {vol.shape}"
@@ -260,12 +262,29 @@ class CalibrationSet:
 # Discovery and splitting
 
 
+def case_labels(case: Case, volume: Volume, spec: ModelSpec) -> np.ndarray:
+    """The ground truth of ``case`` on ``volume``'s grid: a NIfTI label map or a DICOM SEG."""
+    assert case.labels is not None
+    if is_nifti(case.labels):
+        return nifti_labels(case.labels)
+    from edgeseg.seg_input import read_seg_truth
+
+    return read_seg_truth(case.labels, volume, spec.labels)
+
+
 def discover(paths: Sequence[str | Path], labels: str | Path | None = None) -> list[Case]:
-    """Every NIfTI file and DICOM series under ``paths`` as a :class:`Case`, in a stable order."""
+    """Every NIfTI file and DICOM series under ``paths`` as a :class:`Case`, in a stable order.
+
+    With ``labels``, NIfTI images get the label map of the same name and DICOM series the SEG
+    that references them; a SEG that references none of the series is an error.
+    """
     from edgeseg.dicom import find_series, load_volume
 
     label_dir = Path(labels) if labels is not None else None
+    if label_dir is not None and not label_dir.exists():
+        raise CalibrationError(f"{label_dir}: calibration labels path does not exist")
     cases: list[Case] = []
+    dicom_series = []
     for p in paths:
         p = Path(p)
         if not p.exists():
@@ -284,10 +303,22 @@ def discover(paths: Sequence[str | Path], labels: str | Path | None = None) -> l
                 lab = None
             cases.append(Case(f.name, (lambda f=f: read_nifti(f)), lab, [f]))
         if dicom_root:
-            scan = find_series(dicom_root)
-            for ref in scan.series:
+            for ref in find_series(dicom_root).series:
                 name = ref.label or ref.series_instance_uid
                 cases.append(Case(name, (lambda ref=ref: load_volume(ref)), None, list(ref.files)))
+                dicom_series.append((ref, cases[-1]))
+    if label_dir is not None:
+        from edgeseg.seg_input import find_seg_files, pair_with_series
+
+        where = ", ".join(str(p) for p in paths)
+        try:
+            found = find_seg_files(label_dir)
+            paired = pair_with_series(found, [ref for ref, _ in dicom_series], where) if found else []
+        except DicomInputError as exc:
+            raise CalibrationError(str(exc)) from None
+        seg_of = {id(ref): seg for ref, seg in paired}
+        for ref, case in dicom_series:
+            case.labels = seg_of.get(id(ref))
     return cases
 
 

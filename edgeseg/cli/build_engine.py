@@ -65,7 +65,8 @@ def _resolve_model(model: str):
     "--calib-labels",
     type=click.Path(exists=True),
     default=None,
-    help="Ground-truth labels for the calibration images (NIfTI with the same names).",
+    help="Ground truth for the calibration images: NIfTI label maps with the same names, or DICOM "
+    "SEG files (matched to the DICOM series they reference).",
 )
 @click.option(
     "--calib-method",

@@ -26,40 +26,27 @@ class Pair:
 
 
 def find_pairs(images: Path, labels: Path) -> list[Pair]:
-    """NIfTI pairs by file name, then DICOM series paired with the SEG that references them."""
+    """NIfTI pairs by file name, then DICOM series paired with the SEG that references them.
+
+    Raises :class:`~edgeseg.DicomInputError` (one line naming the file) for a SEG in ``labels``
+    that references none of the DICOM series in ``images``.
+    """
     from edgeseg.nifti_input import is_nifti
+    from edgeseg.seg_input import find_seg_files, pair_with_series
 
     pairs = [
         Pair(p.name, p, labels / p.name)
         for p in sorted(images.iterdir())
         if p.is_file() and is_nifti(p) and (labels / p.name).is_file()
     ]
-    seg_by_series = _seg_files(labels)
-    if seg_by_series:
+    segs = find_seg_files(labels)
+    if segs:
         from edgeseg.dicom import find_series
 
-        for ref in find_series([images]).series:
-            seg = seg_by_series.get(ref.series_instance_uid)
-            if seg is not None:
-                pairs.append(Pair(ref.label or ref.series_instance_uid, ref, seg))
+        series = find_series([images]).series
+        for ref, seg in pair_with_series(segs, series, str(images)):
+            pairs.append(Pair(ref.label or seg.name, ref, seg))
     return pairs
-
-
-def _seg_files(folder: Path) -> dict[str, Path]:
-    """{referenced Series Instance UID: SEG file} for the DICOM SEG files under ``folder``."""
-    import pydicom
-
-    out: dict[str, Path] = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=True)
-        except Exception:  # not DICOM (NIfTI labels, notes): not a SEG
-            continue
-        if str(ds.get("Modality", "")) != "SEG":
-            continue
-        for item in ds.get("ReferencedSeriesSequence", []):
-            out[str(item.SeriesInstanceUID)] = f
-    return out
 
 
 def _load(pair: Pair, spec) -> tuple[Any, np.ndarray]:
@@ -70,10 +57,10 @@ def _load(pair: Pair, spec) -> tuple[Any, np.ndarray]:
         truth = nifti_labels(pair.labels)
     else:
         from edgeseg.dicom import load_volume
-        from edgeseg.outputs import read_seg_labels  # type: ignore[attr-defined]
+        from edgeseg.seg_input import read_seg_truth
 
         vol = load_volume(pair.image)
-        truth = read_seg_labels(pair.labels, vol, labels_spec=spec.labels)
+        truth = read_seg_truth(pair.labels, vol, spec.labels)
     if truth.shape != vol.shape:
         raise click.ClickException(
             f"{pair.labels}: label shape {truth.shape} differs from the image {vol.shape}"
