@@ -54,6 +54,17 @@ def info(bundle: str, as_json: bool, ranges: bool) -> None:
                 if len(history) > 1:
                     rounds = ", ".join(f"{r['kept_fp32']} → {r['min_dice_vs_fp32']}" for r in history)
                     click.echo(f"    auto-keep rounds (layers kept fp32 → min Dice vs fp32): {rounds}")
+    cpu_ms = (d.get("runtime") or b.manifest.get("runtime") or {}).get("cpu_ms") or {}
+    if cpu_ms:
+        click.echo(
+            "CPU timing at build (ms per batch): " + ", ".join(f"{p} {ms:g}" for p, ms in cpu_ms.items())
+        )
+    tuning = d.get("provenance", {}).get("quantization", {}).get("int8_cpu_tuning")
+    if tuning:
+        click.echo(
+            f"int8_cpu shaped for this CPU: {len(tuning.get('phase_conv', []))} ConvTranspose(s) as phase "
+            f"convolutions, {len(tuning.get('kept_fp32', []))} layer(s) kept fp32"
+        )
     parity = d.get("provenance", {}).get("parity")
     if parity:
         click.echo(
