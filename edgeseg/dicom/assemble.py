@@ -1,9 +1,11 @@
 """Assemble one series part (a :class:`SeriesRef`) into a :class:`Volume`.
 
-Two passes over the files: the first reads headers with the pixel data deferred (so memory
-holds one volume, not two) and decides the slice order; the second decodes each instance once
-and copies its frames straight into a preallocated (z, y, x) array — the caller's, if it gives
-one (``out=``: e.g. pinned memory the GPU reads in place).
+Two passes over the files: the first takes the headers the scan parsed (with the per-frame
+geometry it derived; files are read again only when the scan did not keep them) and decides
+the slice order; the second decodes each instance once into a preallocated (z, y, x) array —
+the caller's, if it gives one (``out=``: e.g. pinned memory the GPU reads in place). The pixel
+data stays on disk until then (so memory holds one volume, not two); uncompressed pixel data
+of a single-frame instance is read from the file straight into its slice of that array.
 """
 
 from __future__ import annotations
@@ -16,14 +18,21 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from edgeseg._exceptions import DicomInputError
+from edgeseg.dicom import elements as el
 from edgeseg.dicom.frames import FrameInfo, frame_infos, is_enhanced, n_frames
 from edgeseg.dicom.geometry import DUP_TOL_MM, GeometryError, orientation, same_orientation, stack_geometry
 from edgeseg.dicom.pixels import apply_modality_lut_sequence, decode_frames, has_modality_lut, target_dtype
-from edgeseg.dicom.scan import SeriesRef, quiet_dcmread, quiet_pydicom, read_header, unusable_reason
+from edgeseg.dicom.scan import (
+    DEFER_SIZE,
+    SeriesRef,
+    parse_file,
+    quiet_dcmread,
+    quiet_pydicom,
+    read_header,
+    unusable_reason,
+)
 from edgeseg.volume import Volume
 
-# Pixel data larger than this stays on disk until decoded (pydicom re-opens the file).
-_DEFER = "64 KB"
 # load_volume's ``out``: None, an array, or ``allocate(shape, dtype) -> array``.
 PixelsOut = np.ndarray | Callable[[tuple[int, ...], np.dtype], np.ndarray] | None
 
@@ -38,18 +47,18 @@ class _Slice:
 
 def _read(path: Path) -> Dataset:
     try:
-        ds = quiet_dcmread(path, defer_size=_DEFER)
+        ds = parse_file(path)
     except Exception:
         # read_header raises the right DicomInputError (or returns a forced raw dataset).
         if read_header(path) is None:
             raise DicomInputError(path, "not a DICOM file") from None
         try:
-            ds = quiet_dcmread(path, force=True, defer_size=_DEFER)
+            ds = quiet_dcmread(path, force=True, defer_size=DEFER_SIZE)
         except Exception:
             raise DicomInputError(
                 path, "the file cannot be read completely; it is truncated or damaged"
             ) from None
-    if "SOPInstanceUID" not in ds:
+    if not el.has(ds, "SOPInstanceUID"):
         # pydicom returns an empty dataset when the data runs out inside encapsulated pixel data.
         raise DicomInputError(path, "the file cannot be read completely; it is truncated or damaged")
     reason = unusable_reason(ds)
@@ -84,7 +93,7 @@ def _geometry_of(
             warnings.append(
                 "no patient position or orientation in the header: an axis-aligned geometry is assumed"
             )
-        spacing = float(datasets[0].get("SpacingBetweenSlices") or 0) or 1.0
+        spacing = float(el.get(datasets[0], "SpacingBetweenSlices") or 0) or 1.0
         for k, s in enumerate(slices):
             s.info = FrameInfo(
                 np.array([0.0, 0.0, k * spacing]),
@@ -165,22 +174,32 @@ def _allocate(out: PixelsOut, shape: tuple[int, ...], dtype: np.dtype) -> np.nda
 
 
 def _load(ref: SeriesRef, out: PixelsOut = None) -> Volume:
-    files = [Path(p) for p in ref.files]
+    files = [p if isinstance(p, Path) else Path(p) for p in ref.files]
     if not files:
         raise DicomInputError(None, f"series part '{ref.label}' has no files")
     # The scan parsed most headers already; an earlier load of this ref dropped their pixel data.
-    cached = [ref.datasets.get(p) for p in files]
-    datasets = [ds if ds is not None and "PixelData" in ds else _read(p) for ds, p in zip(cached, files)]
-    shape = (int(datasets[0].Rows), int(datasets[0].Columns))
+    datasets: list[Dataset] = []
+    infos: list[list[FrameInfo]] = []
+    for path in files:
+        ds = ref.datasets.get(path)
+        if ds is None or not el.has(ds, "PixelData"):
+            ds = _read(path)
+        datasets.append(ds)
+        known = ref.frame_infos.get(path)
+        infos.append(known[1] if known is not None and known[0] is ds else frame_infos(ds))
+    rows0, cols0 = el.get(datasets[0], "Rows"), el.get(datasets[0], "Columns")
+    shape = (int(rows0), int(cols0))
+    series_uid = str(el.get(datasets[0], "SeriesInstanceUID", ""))
     slices: list[_Slice] = []
     for fi, (path, ds) in enumerate(zip(files, datasets, strict=True)):
-        if (int(ds.Rows), int(ds.Columns)) != shape:
+        rows, cols = el.get(ds, "Rows"), el.get(ds, "Columns")
+        if (int(rows), int(cols)) != shape:
             raise DicomInputError(
-                path, f"its matrix {ds.Columns}x{ds.Rows} differs from the series' {shape[1]}x{shape[0]}"
+                path, f"its matrix {cols}x{rows} differs from the series' {shape[1]}x{shape[0]}"
             )
-        if str(ds.get("SeriesInstanceUID", "")) != str(datasets[0].get("SeriesInstanceUID", "")):
+        if str(el.get(ds, "SeriesInstanceUID", "")) != series_uid:
             raise DicomInputError(path, "it belongs to a different series than the other files")
-        slices.extend(_Slice(fi, k, info) for k, info in enumerate(frame_infos(ds)))
+        slices.extend(_Slice(fi, k, info) for k, info in enumerate(infos[fi]))
 
     iop, warnings = _geometry_of(slices, files, datasets)
     slices.sort(key=lambda s: s.proj)
@@ -215,15 +234,15 @@ def _load(ref: SeriesRef, out: PixelsOut = None) -> Volume:
     warnings.extend(geom.warnings)
 
     use_lut = any(has_modality_lut(ds) for ds in datasets)
-    dtype = (
-        np.dtype(np.float32)
-        if use_lut
-        else target_dtype(
-            [int(ds.BitsAllocated) for ds in datasets],
-            [int(ds.get("PixelRepresentation", 0) or 0) == 1 for ds in datasets],
-            [int(ds.get("BitsStored", ds.BitsAllocated) or ds.BitsAllocated) for ds in datasets],
+    if use_lut:
+        dtype = np.dtype(np.float32)
+    else:
+        allocated = [int(el.get(ds, "BitsAllocated")) for ds in datasets]
+        dtype = target_dtype(
+            allocated,
+            [int(el.get(ds, "PixelRepresentation", 0) or 0) == 1 for ds in datasets],
+            [int(el.get(ds, "BitsStored", ba) or ba) for ds, ba in zip(datasets, allocated, strict=True)],
         )
-    )
     as_modality = dtype == np.float32
     stored = _allocate(out, (len(unique),) + shape, np.dtype(dtype))
     slot_of = {(s.file_index, s.frame_index): z for z, s in enumerate(unique)}
@@ -232,19 +251,24 @@ def _load(ref: SeriesRef, out: PixelsOut = None) -> Volume:
     notes: set[str] = set()
 
     for fi, (path, ds) in enumerate(zip(files, datasets, strict=True)):
-        frames, file_notes = decode_frames(ds, path)
+        slot = slot_of.get((fi, 0)) if len(infos[fi]) == 1 and not as_modality else None
+        into = stored[slot : slot + 1] if slot is not None else None
+        frames, file_notes = decode_frames(ds, path, into)
         notes.update(file_notes)
-        if as_modality:
-            frames = _to_modality(ds, frames, path, [s.info for s in slices if s.file_index == fi])
-        elif frames.dtype != dtype and frames.size:
-            info = np.iinfo(dtype)
-            if frames.min() < info.min or frames.max() > info.max:
-                raise DicomInputError(path, f"its stored values do not fit the series' pixel type {dtype}")
-        for k in range(frames.shape[0]):
-            if (fi, k) in slot_of:
-                np.copyto(stored[slot_of[(fi, k)]], frames[k], casting="unsafe")
-            elif (fi, k) in dup_keys:
-                dup_frames[(fi, k)] = frames[k].copy()
+        if frames is not into:  # else it was decoded in place (one frame, the stored dtype)
+            if as_modality:
+                frames = _to_modality(ds, frames, path, [s.info for s in slices if s.file_index == fi])
+            elif frames.dtype != dtype and frames.size:
+                info = np.iinfo(dtype)
+                if frames.min() < info.min or frames.max() > info.max:
+                    raise DicomInputError(
+                        path, f"its stored values do not fit the series' pixel type {dtype}"
+                    )
+            for k in range(frames.shape[0]):
+                if (fi, k) in slot_of:
+                    np.copyto(stored[slot_of[(fi, k)]], frames[k], casting="unsafe")
+                elif (fi, k) in dup_keys:
+                    dup_frames[(fi, k)] = frames[k].copy()
         del ds.PixelData  # headers are kept for SEG writing; the pixels are in `stored` now
 
     for s, z in dup_of:
@@ -260,30 +284,27 @@ def _load(ref: SeriesRef, out: PixelsOut = None) -> Volume:
             )
         warnings.append(f"duplicate slice at {s.proj:.2f} mm with identical pixels dropped")
 
-    if any(str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" for ds in datasets):
+    if any(str(el.get(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1" for ds in datasets):
         # Modality values are correct as stored; MONOCHROME1 only says display inverts them.
         warnings.append("MONOCHROME1: values are kept as stored (modality values); only display is inverted")
-    if any(str(ds.get("LossyImageCompression", "")) == "01" for ds in datasets):
+    if any(str(el.get(ds, "LossyImageCompression", "")) == "01" for ds in datasets):
         warnings.append("the source was lossy compressed")
     warnings.extend(sorted(notes))
 
     first_use = list(dict.fromkeys(s.file_index for s in unique))
+    sop_uids = [str(el.get(ds, "SOPInstanceUID")) for ds in datasets]
+    numbered = [is_enhanced(ds) or n_frames(ds) > 1 for ds in datasets]
     return Volume(
         stored=stored,
         slope=np.ones(len(unique)) if as_modality else np.array([s.info.slope for s in unique]),
         intercept=np.zeros(len(unique)) if as_modality else np.array([s.info.intercept for s in unique]),
         spacing=geom.spacing,
         affine=geom.affine,
-        sop_instance_uids=[str(datasets[s.file_index].SOPInstanceUID) for s in unique],
-        frame_numbers=[
-            s.frame_index + 1
-            if (is_enhanced(datasets[s.file_index]) or n_frames(datasets[s.file_index]) > 1)
-            else None
-            for s in unique
-        ],
+        sop_instance_uids=[sop_uids[s.file_index] for s in unique],
+        frame_numbers=[s.frame_index + 1 if numbered[s.file_index] else None for s in unique],
         headers=[datasets[i] for i in first_use],
-        series_instance_uid=str(datasets[0].get("SeriesInstanceUID", "")),
-        modality=str(datasets[0].get("Modality", "") or ref.modality),
+        series_instance_uid=series_uid,
+        modality=str(el.get(datasets[0], "Modality", "") or ref.modality),
         warnings=warnings,
     )
 

@@ -8,12 +8,15 @@ which kind of instance a slice came from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
+
+from edgeseg.dicom import elements as el
 
 # Enhanced (functional-group) image storage classes, including the legacy-converted ones.
 ENHANCED_SOP_CLASSES = {
@@ -40,7 +43,7 @@ class FrameInfo:
 
 def n_frames(ds: Dataset) -> int:
     """NumberOfFrames as an int (1 when absent); raises ValueError when it is not a number."""
-    value = ds.get("NumberOfFrames", 1)
+    value = el.get(ds, "NumberOfFrames", 1)
     if value in (None, ""):
         return 1
     return int(value)
@@ -48,28 +51,37 @@ def n_frames(ds: Dataset) -> int:
 
 def is_enhanced(ds: Dataset) -> bool:
     """True for functional-group multi-frame instances (Enhanced CT/MR/PET and legacy converted)."""
-    return "PerFrameFunctionalGroupsSequence" in ds or str(ds.get("SOPClassUID", "")) in ENHANCED_SOP_CLASSES
+    return (
+        el.has(ds, "PerFrameFunctionalGroupsSequence")
+        or str(el.get(ds, "SOPClassUID", "")) in ENHANCED_SOP_CLASSES
+    )
 
 
 def _first(seq_owner: Dataset | None, seq: str) -> Dataset | None:
     if seq_owner is None:
         return None
-    items = seq_owner.get(seq)
+    items = el.get(seq_owner, seq)
     if not items:
         return None
     return items[0]
 
 
-def _floats(value: Any, n: int) -> np.ndarray | None:
+def _float_list(value: Any, n: int) -> list[float] | None:
+    """``n`` finite floats, or None (absent, another count, not numbers)."""
     if value is None:
         return None
     try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+        out = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
-    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
+    if len(out) != n or not all(map(math.isfinite, out)):
         return None
-    return arr
+    return out
+
+
+def _floats(value: Any, n: int) -> np.ndarray | None:
+    out = _float_list(value, n)
+    return None if out is None else np.array(out, dtype=np.float64)
 
 
 def _float(value: Any) -> float | None:
@@ -79,22 +91,22 @@ def _float(value: Any) -> float | None:
         out = float(value)
     except (TypeError, ValueError):
         return None
-    return out if np.isfinite(out) else None
+    return out if math.isfinite(out) else None
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     # Projection X-ray keeps the detector spacing under other names; any is better than none.
     for keyword in ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing"):
-        arr = _floats(ds.get(keyword), 2)
-        if arr is not None and np.all(arr > 0):
-            return float(arr[0]), float(arr[1])
+        values = _float_list(el.get(ds, keyword), 2)
+        if values is not None and values[0] > 0 and values[1] > 0:
+            return values[0], values[1]
     return None
 
 
 def _rescale(ds: Dataset | None) -> tuple[float | None, float | None]:
     if ds is None:
         return None, None
-    return _float(ds.get("RescaleSlope")), _float(ds.get("RescaleIntercept"))
+    return _float(el.get(ds, "RescaleSlope")), _float(el.get(ds, "RescaleIntercept"))
 
 
 def frame_infos(ds: Dataset) -> list[FrameInfo]:
@@ -106,10 +118,10 @@ def frame_infos(ds: Dataset) -> list[FrameInfo]:
     count = n_frames(ds)
     top_slope, top_icpt = _rescale(ds)
     top = FrameInfo(
-        ipp=_floats(ds.get("ImagePositionPatient"), 3),
-        iop=_floats(ds.get("ImageOrientationPatient"), 6),
+        ipp=_floats(el.get(ds, "ImagePositionPatient"), 3),
+        iop=_floats(el.get(ds, "ImageOrientationPatient"), 6),
         pixel_spacing=_pixel_spacing(ds),
-        slice_thickness=_float(ds.get("SliceThickness")),
+        slice_thickness=_float(el.get(ds, "SliceThickness")),
         slope=1.0 if top_slope is None else top_slope,
         intercept=0.0 if top_icpt is None else top_icpt,
     )
@@ -117,7 +129,7 @@ def frame_infos(ds: Dataset) -> list[FrameInfo]:
         return [top] * count
 
     shared = _first(ds, "SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    per_frame = el.get(ds, "PerFrameFunctionalGroupsSequence") or []
     out = []
     for index in range(count):
         frame = per_frame[index] if index < len(per_frame) else None
@@ -137,10 +149,10 @@ def frame_infos(ds: Dataset) -> list[FrameInfo]:
         slope, icpt = _rescale(pvt)
         out.append(
             FrameInfo(
-                ipp=_floats(pos.get("ImagePositionPatient"), 3) if pos is not None else top.ipp,
-                iop=_floats(ori.get("ImageOrientationPatient"), 6) if ori is not None else top.iop,
+                ipp=_floats(el.get(pos, "ImagePositionPatient"), 3) if pos is not None else top.ipp,
+                iop=_floats(el.get(ori, "ImageOrientationPatient"), 6) if ori is not None else top.iop,
                 pixel_spacing=(_pixel_spacing(meas) if meas is not None else None) or top.pixel_spacing,
-                slice_thickness=(_float(meas.get("SliceThickness")) if meas is not None else None)
+                slice_thickness=(_float(el.get(meas, "SliceThickness")) if meas is not None else None)
                 or top.slice_thickness,
                 slope=top.slope if slope is None else slope,
                 intercept=top.intercept if icpt is None else icpt,

@@ -13,6 +13,7 @@ The rules (see the Volume docstring for the affine convention):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,9 +35,19 @@ class GeometryError(ValueError):
 
 
 def orientation(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unit row cosine, column cosine and slice normal (row × column) from ImageOrientationPatient."""
-    row = np.asarray(iop[:3], dtype=np.float64)
-    col = np.asarray(iop[3:], dtype=np.float64)
+    """Unit row cosine, column cosine and slice normal (row × column) from ImageOrientationPatient.
+
+    The arrays are read-only: every slice of a series shares one orientation, so the result is
+    remembered for the orientations seen last.
+    """
+    return _orientation(np.asarray(iop, dtype=np.float64).tobytes())
+
+
+@functools.lru_cache(maxsize=64)
+def _orientation(key: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    iop = np.frombuffer(key, dtype=np.float64)
+    row = iop[:3].copy()
+    col = iop[3:].copy()
     nr, nc = np.linalg.norm(row), np.linalg.norm(col)
     if nr < 0.5 or nc < 0.5:
         raise GeometryError("ImageOrientationPatient has a zero-length direction cosine")
@@ -44,13 +55,26 @@ def orientation(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if abs(float(row @ col)) > 0.01:
         raise GeometryError("ImageOrientationPatient row and column cosines are not perpendicular")
     normal = np.cross(row, col)
-    return row, col, normal / np.linalg.norm(normal)
+    normal = normal / np.linalg.norm(normal)
+    for arr in (row, col, normal):
+        arr.flags.writeable = False
+    return row, col, normal
 
 
 def same_orientation(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     if a is None or b is None:
         return a is None and b is None
     return bool(np.max(np.abs(np.asarray(a) - np.asarray(b))) <= IOP_TOL)
+
+
+def _median(values: np.ndarray) -> float:
+    """``float(np.median(values))`` (the same value), without np.median's set-up and first-call
+    import of numpy.ma."""
+    ordered = np.sort(values)
+    mid = ordered.shape[0] // 2
+    if ordered.shape[0] % 2:
+        return float(ordered[mid])
+    return float(np.mean(ordered[mid - 1 : mid + 1]))
 
 
 @dataclass
@@ -94,7 +118,7 @@ def stack_geometry(
     else:
         steps = np.diff(positions, axis=0)
         lengths = np.linalg.norm(steps, axis=1)
-        med = float(np.median(lengths))
+        med = _median(lengths)
         if med <= DUP_TOL_MM:
             raise GeometryError("slices share one position; they do not form a 3D stack")
         step = (positions[-1] - positions[0]) / (n - 1)

@@ -6,22 +6,129 @@ from HighBit for signed data (``dcm_qa_12bit/12bitSigned_0x0F0F.dcm`` gives −2
 README documents), big-endian data is returned byte-swapped-aware, and JPEG / JPEG-LS /
 JPEG 2000 / RLE / deflate are decoded. What stays here: turning any decoder failure into a
 :class:`DicomInputError`, fixing byte order, and the Modality LUT Sequence.
+
+Uncompressed grayscale pixel data — almost every CT and MR slice — does not need pydicom's
+decoder machinery, whose per-call set-up costs more than the decode of a small slice:
+:func:`native_frames` reads it with ``np.frombuffer`` (from the dataset, or straight from the
+file when the value was left on disk) and applies pydicom's own rules — the dtype from
+BitsAllocated / PixelRepresentation and the transfer syntax's byte order, then the unused
+high bits shifted out (masking unsigned data, sign-extending signed data from BitsStored). It
+only takes instances for which that is exactly what ``pixel_array`` returns (checked on every
+uncompressed file of the shared test data, big-endian and 12-bit ones included); anything
+else (compressed, deflated, 8-bit big endian, padding beyond one byte, missing or odd pixel
+module values) goes to pydicom.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from edgeseg._exceptions import DicomInputError
+from edgeseg.dicom import elements as el
 from edgeseg.dicom.frames import n_frames
 
+# Uncompressed transfer syntaxes whose pixel bytes are the stored values as they are (deflate
+# is not one: its value offsets point into the inflated stream, not the file).
+_NATIVE_ORDER = {ImplicitVRLittleEndian: "<", ExplicitVRLittleEndian: "<", ExplicitVRBigEndian: ">"}
+_PIXEL_DATA = el.tag_of("PixelData")
 
-def decode_frames(ds: Dataset, path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """Decode every frame of ``ds``.
+
+def native_frames(ds: Dataset, into: np.ndarray | None = None) -> np.ndarray | None:
+    """(n_frames, rows, cols) stored values of uncompressed pixel data in native byte order,
+    bit-identical to ``ds.pixel_array``; None when pydicom must decode (see the module doc).
+
+    ``into``: an array to decode into when it fits exactly (that shape, the stored dtype,
+    C-contiguous); it is then what is returned, and a value left on disk is read straight into
+    it. Otherwise the result may be a read-only view on the dataset's pixel bytes.
+    """
+    meta = getattr(ds, "file_meta", None)
+    order = _NATIVE_ORDER.get(getattr(meta, "TransferSyntaxUID", None)) if meta is not None else None
+    elem = ds._dict.get(_PIXEL_DATA)
+    if order is None or elem is None:
+        return None
+    try:
+        rows, cols = int(el.get(ds, "Rows")), int(el.get(ds, "Columns"))
+        bits, stored = int(el.get(ds, "BitsAllocated")), int(el.get(ds, "BitsStored"))
+        signed = int(el.get(ds, "PixelRepresentation"))
+        spp = int(el.get(ds, "SamplesPerPixel"))
+        count = el.get(ds, "NumberOfFrames", 1)
+        count = int(count) if isinstance(count, (int, str)) else -1
+    except (TypeError, ValueError):
+        return None
+    photometric = el.get(ds, "PhotometricInterpretation")
+    if (
+        spp != 1
+        or photometric not in ("MONOCHROME1", "MONOCHROME2")
+        or bits not in (8, 16, 32)
+        or not 1 <= stored <= bits
+        or signed not in (0, 1)
+        or rows < 1
+        or cols < 1
+        or count < 1
+        or (order == ">" and bits == 8)  # pydicom swaps 8-bit big-endian OW pairwise
+    ):
+        return None
+    shape = (count, rows, cols)
+    expected = count * rows * cols * bits // 8
+    src = np.dtype(f"{order}{'ui'[signed]}{bits // 8}")
+    if into is not None and not (into.shape == shape and into.dtype == src and into.flags.c_contiguous):
+        into = None  # (a big-endian source never fits: it is swapped on the way)
+    value = elem.value
+    if elem.__class__ is RawDataElement and value is None:  # left on disk by the scan
+        arr = into if into is not None else np.empty(shape, src)
+        if not _read_deferred(ds, elem, expected, memoryview(arr).cast("B")):
+            return None  # pydicom reads it, and reports what is wrong
+    else:
+        if not isinstance(value, (bytes, bytearray)) or len(value) not in (expected, expected + expected % 2):
+            return None  # pydicom reports it (short data) or strips it with a note (excess padding)
+        arr = np.frombuffer(value, dtype=src, count=count * rows * cols).reshape(shape)
+        if into is not None:
+            np.copyto(into, arr)
+            arr = into
+    if not arr.dtype.isnative:
+        arr = arr.astype(src.newbyteorder("="))
+    if stored < bits:
+        # As pydicom: shift the unused high bits out and back (masks unsigned, sign-extends signed).
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        np.left_shift(arr, bits - stored, out=arr)
+        np.right_shift(arr, bits - stored, out=arr)
+    return arr
+
+
+def _read_deferred(ds: Dataset, elem: RawDataElement, expected: int, target: memoryview) -> bool:
+    """Read a pixel value left on disk from its offset into ``target``; False when pydicom
+    should read it instead (no file name, another length, the file changed or is short)."""
+    filename = getattr(ds, "filename", None)
+    if not isinstance(filename, str) or elem.length not in (expected, expected + expected % 2):
+        return False
+    try:
+        with open(filename, "rb", buffering=0) as fh:
+            if os.fstat(fh.fileno()).st_mtime != getattr(ds, "timestamp", None):
+                return False  # changed since it was parsed: pydicom warns and re-checks the element
+            fh.seek(elem.value_tell)
+            got = 0
+            while got < expected:
+                n = fh.readinto(target[got:])
+                if not n:
+                    break
+                got += n
+            return got == expected
+    except OSError:
+        return False
+
+
+def decode_frames(
+    ds: Dataset, path: str | Path, into: np.ndarray | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Decode every frame of ``ds`` (into ``into`` where it fits, see :func:`native_frames`).
 
     Returns
     -------
@@ -39,6 +146,9 @@ def decode_frames(ds: Dataset, path: str | Path) -> tuple[np.ndarray, list[str]]
     """
     if "PixelData" not in ds:
         raise DicomInputError(path, "the instance has no pixel data")
+    arr = native_frames(ds, into)
+    if arr is not None:
+        return arr, []
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = ts.name if ts is not None else "unknown transfer syntax"
     with warnings.catch_warnings(record=True) as caught:
@@ -65,7 +175,7 @@ def decode_frames(ds: Dataset, path: str | Path) -> tuple[np.ndarray, list[str]]
 
 
 def has_modality_lut(ds: Dataset) -> bool:
-    return bool(ds.get("ModalityLUTSequence"))
+    return bool(el.get(ds, "ModalityLUTSequence"))
 
 
 def apply_modality_lut_sequence(ds: Dataset, frames: np.ndarray, path: str | Path) -> np.ndarray:

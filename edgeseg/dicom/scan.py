@@ -13,7 +13,10 @@ series such as diffusion or multi-echo: the k-th instance at every position goes
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
+import stat
 import warnings
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,9 +27,11 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from edgeseg._exceptions import DicomInputError
-from edgeseg.dicom.frames import frame_infos, is_enhanced, n_frames, sop_class_name
+from edgeseg.dicom import elements as el
+from edgeseg.dicom.frames import FrameInfo, frame_infos, is_enhanced, n_frames, sop_class_name
 from edgeseg.dicom.geometry import IOP_TOL, orientation
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -48,8 +53,13 @@ class SeriesRef:
     files: list[Path]
     n_instances: int
     label: str
-    # Datasets parsed by the scan (pixel data deferred), so loading does not parse them again.
+    # Datasets parsed by the scan (pixel data deferred), so loading does not parse them again, and
+    # the per-frame geometry the scan derived from each (with the dataset it came from), so
+    # loading does not derive it again.
     datasets: dict[Path, Dataset] = field(default_factory=dict, repr=False, compare=False)
+    frame_infos: dict[Path, tuple[Dataset, list[FrameInfo]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
 
 @dataclass
@@ -77,9 +87,9 @@ class _Instance:
     ipp: np.ndarray | None
     multiframe: bool
     instance_number: int
-    series_number: str
-    description: str
-    dataset: Dataset | None = None  # the whole file, pixel data deferred: load reuses it
+    header: Dataset  # the parsed file; series number and description are read from it for labels
+    infos: list[FrameInfo]
+    dataset: Dataset | None = None  # the same, when it has pixel data: load reuses it
 
 
 # -- reading headers --------------------------------------------------------------------
@@ -112,9 +122,33 @@ def quiet_pydicom() -> Iterator[None]:
         yield
 
 
-# Values larger than this stay on disk until used (pixel data): a scan parses each file once
-# and loading reuses the dataset, reading only the pixel bytes.
+# A scan parses each file once and loading reuses the dataset. A file is read whole, in one
+# call, and parsed from memory (faster than pydicom's many small reads from the file); values
+# larger than DEFER_SIZE (pixel data) are left out of the dataset, so a scan holds headers only,
+# and loading reads the pixel bytes from their offset in the file, straight into the volume.
 DEFER_SIZE = "64 KB"
+# Larger files (big multi-frame instances) are parsed from the file, so a scan never holds one whole.
+READ_WHOLE_MAX = 32 * 2**20
+
+
+def parse_file(path: Path) -> Dataset:
+    """The whole file parsed, with values larger than DEFER_SIZE left on disk."""
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        data = fh.read() if st.st_size <= READ_WHOLE_MAX else None
+    if data is None:
+        return dcmread(path, defer_size=DEFER_SIZE)
+    ds = dcmread(io.BytesIO(data), defer_size=DEFER_SIZE)
+    if el.get(ds.file_meta, "TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        # Offsets into the inflated dataset are not offsets into the file: keep every value.
+        ds = dcmread(io.BytesIO(data))
+    # As dcmread(path) leaves it: named after the file (deferred values are read from there),
+    # not holding the buffer.
+    ds.filename = os.fspath(path)
+    ds.fileobj_type = open
+    ds.buffer = None
+    ds.timestamp = st.st_mtime
+    return ds
 
 
 def read_header(path: Path, *, keep_dataset: bool = False) -> Dataset | None:
@@ -128,15 +162,20 @@ def read_header(path: Path, *, keep_dataset: bool = False) -> Dataset | None:
     DicomInputError
         When the file claims to be DICOM but its header cannot be parsed.
     """
+    with quiet_pydicom():
+        return _read_header(path, keep_dataset)
+
+
+def _read_header(path: Path, keep_dataset: bool) -> Dataset | None:
     if keep_dataset:
         try:
-            ds = quiet_dcmread(path, defer_size=DEFER_SIZE)
-            if "SOPInstanceUID" in ds:
+            ds = parse_file(path)
+            if el.has(ds, "SOPInstanceUID"):
                 return ds
         except Exception:
             pass  # the header-only read below reports (or forgives) what is wrong
     try:
-        return quiet_dcmread(path, stop_before_pixels=True)
+        return dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         pass
     except Exception as exc:
@@ -145,7 +184,7 @@ def read_header(path: Path, *, keep_dataset: bool = False) -> Dataset | None:
         ) from None
     if _looks_like_raw_dataset(path):
         try:
-            ds = quiet_dcmread(path, stop_before_pixels=True, force=True)
+            ds = dcmread(path, stop_before_pixels=True, force=True)
         except Exception:
             ds = None
         if ds is not None and "SOPClassUID" in ds and "SOPInstanceUID" in ds:
@@ -157,26 +196,26 @@ def read_header(path: Path, *, keep_dataset: bool = False) -> Dataset | None:
 
 def unusable_reason(ds: Dataset) -> str | None:
     """Why an instance cannot become part of a grayscale volume, or None when it can."""
-    sop = str(ds.get("SOPClassUID", "") or "")
-    modality = str(ds.get("Modality", "") or "").upper()
+    sop = str(el.get(ds, "SOPClassUID", "") or "")
+    modality = str(el.get(ds, "Modality", "") or "").upper()
     if not sop:
         return "the header has no SOP Class UID, so it is not a usable image instance"
     if modality in NON_IMAGE_MODALITIES:
         return f"it is a {sop_class_name(sop)} ({modality}) object, not an image to segment"
-    if "Rows" not in ds or "Columns" not in ds:
+    if not el.has(ds, "Rows") or not el.has(ds, "Columns"):
         overlays = any(e.tag.group & 0xFF01 == 0x6000 and e.tag.element == 0x3000 for e in ds)
         if overlays:
             return "it holds only overlay planes, no image pixel data"
         return f"it has no image pixel data ({sop_class_name(sop)})"
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or photometric not in GRAYSCALE:
+    photometric = str(el.get(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if int(el.get(ds, "SamplesPerPixel", 1) or 1) != 1 or photometric not in GRAYSCALE:
         return f"it is a colour image ({photometric or 'SamplesPerPixel > 1'}); only grayscale images can be segmented"
-    bits = int(ds.get("BitsAllocated", 16) or 0)
+    bits = int(el.get(ds, "BitsAllocated", 16) or 0)
     if bits not in (8, 16, 32):
         return f"its pixels have {bits} bits allocated (binary or unsupported); not a grayscale image"
-    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+    if el.has(ds, "FloatPixelData") or el.has(ds, "DoubleFloatPixelData"):
         return "it stores floating-point pixel data, which is not supported"
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    image_type = [str(v).upper() for v in (el.get(ds, "ImageType") or [])]
     if "MOSAIC" in image_type:
         return (
             "it is a Siemens MOSAIC (all slices tiled in one image); un-tiling is not supported, "
@@ -205,23 +244,23 @@ def _instance(path: Path, ds: Dataset) -> _Instance:
         except ValueError:
             iop = None
     try:
-        number = int(ds.get("InstanceNumber") or 0)
+        number = int(el.get(ds, "InstanceNumber") or 0)
     except (TypeError, ValueError):
         number = 0
     return _Instance(
         path=path,
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        sop_uid=str(ds.SOPInstanceUID),
-        modality=str(ds.get("Modality", "") or "").upper() or "OT",
-        rows=int(ds.Rows),
-        cols=int(ds.Columns),
+        series_uid=str(el.get(ds, "SeriesInstanceUID", "") or ""),
+        sop_uid=str(el.get(ds, "SOPInstanceUID")),
+        modality=str(el.get(ds, "Modality", "") or "").upper() or "OT",
+        rows=int(el.get(ds, "Rows")),
+        cols=int(el.get(ds, "Columns")),
         iop=iop,
         ipp=ipp,
         multiframe=is_enhanced(ds) or n_frames(ds) > 1,
         instance_number=number,
-        series_number=str(ds.get("SeriesNumber", "") or ""),
-        description=str(ds.get("SeriesDescription", "") or "").strip(),
-        dataset=ds if "PixelData" in ds else None,
+        header=ds,
+        infos=infos,
+        dataset=ds if el.has(ds, "PixelData") else None,
     )
 
 
@@ -247,16 +286,36 @@ def _dicomdir_files(path: Path, ds: Dataset) -> tuple[list[Path], list[DicomInpu
 
 def _walk(inputs: Iterable[str | Path], missing: list[DicomInputError]) -> Iterable[Path]:
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
+        p = item if isinstance(item, Path) else Path(item)
+        try:
+            mode = os.stat(p).st_mode  # one stat for Path.is_dir() and is_file()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                raise  # as Path.is_dir() does
+            mode = 0
+        except ValueError:
+            mode = 0
+        if stat.S_ISDIR(mode):
             for root, dirs, files in os.walk(p):
                 dirs.sort()
                 for name in sorted(files):
                     yield Path(root) / name
-        elif p.is_file():
+        elif stat.S_ISREG(mode):
             yield p
         else:
             missing.append(DicomInputError(p, "no such file or folder"))
+
+
+def _resolved(path: Path, folders: dict[str, str]) -> str:
+    """``str(path.resolve())``, resolving each folder once (the slices of a series share one)."""
+    text = os.fspath(path)
+    head, name = os.path.split(text)
+    if name in ("", ".", "..") or os.path.islink(text):
+        return str(Path(text).resolve())
+    folder = folders.get(head)
+    if folder is None:
+        folder = folders[head] = str(Path(head or ".").resolve())
+    return os.path.join(folder, name)
 
 
 # -- grouping ---------------------------------------------------------------------------
@@ -300,10 +359,12 @@ def _split_repeats(items: list[_Instance]) -> list[list[_Instance]]:
 
 def _label(inst: _Instance, part: int, n_parts: int, why: str) -> str:
     text = inst.modality
-    if inst.series_number:
-        text += f" #{inst.series_number}"
-    if inst.description:
-        text += f" {inst.description[:48]}"
+    series_number = str(inst.header.get("SeriesNumber", "") or "")
+    description = str(inst.header.get("SeriesDescription", "") or "").strip()
+    if series_number:
+        text += f" #{series_number}"
+    if description:
+        text += f" {description[:48]}"
     if n_parts > 1:
         text += f" [part {part}/{n_parts}: {why}]"
     return text
@@ -360,6 +421,7 @@ def _group(instances: list[_Instance]) -> list[SeriesRef]:
                     n_instances=len(part),
                     label=_label(part[0], index, len(parts), why),
                     datasets={i.path: i.dataset for i in part if i.dataset is not None},
+                    frame_infos={i.path: (i.dataset, i.infos) for i in part if i.dataset is not None},
                 )
             )
     return refs
@@ -368,8 +430,9 @@ def _group(instances: list[_Instance]) -> list[SeriesRef]:
 def find_series(inputs: Sequence[str | Path] | str | Path) -> ScanResult:
     """Find the image series in files, folders (recursively) and DICOMDIR files.
 
-    Only headers are read (``stop_before_pixels=True``); pixel data is decoded later by
-    :func:`load_volume`, which may still reject a part whose pixels are damaged.
+    Each file is parsed once, with its pixel data left on disk when larger than 64 KB; the
+    datasets and their per-frame geometry go with each part, and the pixel data is decoded
+    later by :func:`load_volume`, which may still reject a part whose pixels are damaged.
 
     Parameters
     ----------
@@ -389,17 +452,18 @@ def find_series(inputs: Sequence[str | Path] | str | Path) -> ScanResult:
 
 def _find_series(inputs: list[str | Path]) -> ScanResult:
     result = ScanResult()
-    seen: set[Path] = set()
+    seen: set[str] = set()
     instances: list[_Instance] = []
+    folders: dict[str, str] = {}
     queue = deque(_walk(inputs, result.rejected))
     while queue:
         path = queue.popleft()
-        key = path.resolve()
+        key = _resolved(path, folders)
         if key in seen:
             continue
         seen.add(key)
         try:
-            ds = read_header(path, keep_dataset=True)
+            ds = _read_header(path, True)
         except DicomInputError as err:
             result.rejected.append(err)
             continue
@@ -407,21 +471,22 @@ def _find_series(inputs: list[str | Path]) -> ScanResult:
             result.skipped.append(path)
             continue
         sop_class = str(
-            ds.get("SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")
+            el.get(ds, "SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")
         )
-        if "DirectoryRecordSequence" in ds or sop_class == MEDIA_STORAGE_DIRECTORY:
+        if el.has(ds, "DirectoryRecordSequence") or sop_class == MEDIA_STORAGE_DIRECTORY:
             # A DICOMDIR is an index: follow it, do not count it as an image or an error.
             files, missing = _dicomdir_files(path, ds)
             for err in missing:
-                if Path(err.path).resolve() not in seen:
-                    seen.add(Path(err.path).resolve())
+                key = _resolved(Path(err.path), folders)
+                if key not in seen:
+                    seen.add(key)
                     result.rejected.append(err)
             queue.extend(files)
             result.skipped.append(path)
             continue
         reason = unusable_reason(ds)
         if reason:
-            modality = str(ds.get("Modality", "") or "").upper()
+            modality = str(el.get(ds, "Modality", "") or "").upper()
             result.rejected.append(
                 DicomInputError(path, reason, not_an_image=modality in NON_IMAGE_MODALITIES)
             )
