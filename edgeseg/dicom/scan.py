@@ -135,7 +135,11 @@ def parse_file(path: Path) -> Dataset:
     """The whole file parsed, with values larger than DEFER_SIZE left on disk."""
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
-        data = fh.read() if st.st_size <= READ_WHOLE_MAX else None
+        data = None
+        # Only Part 10 files are read whole: a large non-DICOM file in a scanned folder is not.
+        if st.st_size <= READ_WHOLE_MAX and fh.read(132)[128:] == b"DICM":
+            fh.seek(0)
+            data = fh.read()
     if data is None:
         return dcmread(path, defer_size=DEFER_SIZE)
     ds = dcmread(io.BytesIO(data), defer_size=DEFER_SIZE)
@@ -314,7 +318,7 @@ def _resolved(path: Path, folders: dict[str, str]) -> str:
         return str(Path(text).resolve())
     folder = folders.get(head)
     if folder is None:
-        folder = folders[head] = str(Path(head or ".").resolve())
+        folder = folders[head] = os.path.realpath(head or ".")  # = Path.resolve() of a folder
     return os.path.join(folder, name)
 
 
