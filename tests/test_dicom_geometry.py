@@ -125,3 +125,21 @@ def test_read_volume_refuses_many_series():
 def test_4d_series_is_split_into_volumes():
     scan = find_series([shared_path("dicom", "dicom2nifti_headers_random_pixels", "mr_ge_dti_noext")])
     assert [ref.n_instances for ref in scan.series] == [4, 4, 4, 4]
+
+
+def test_a_slice_without_pixel_module_is_rejected_and_the_volume_says_it_is_incomplete(tmp_path):
+    """A header without BitsAllocated is one sentence naming the file, not a TypeError from
+    decoding; the rest of the series loads with a warning (two slices hide the hole from the
+    spacing checks)."""
+    files = sorted(shared_path("dicom", "dcm_qa_decubitus", "HFS_t1_fl2d_sag").glob("*.dcm"))[:3]
+    for i, f in enumerate(files):
+        ds = dcmread(f)
+        if i == 1:
+            del ds.BitsAllocated
+        ds.save_as(tmp_path / f"{i}.dcm")
+    scan = find_series(tmp_path)
+    assert [str(r.path) for r in scan.rejected] == [str(tmp_path / "1.dcm")]
+    assert "lacks BitsAllocated" in scan.rejected[0].reason
+    volume = read_volume(tmp_path)
+    assert volume.shape[0] == 2
+    assert any("rejected" in w and "incomplete" in w for w in volume.warnings)

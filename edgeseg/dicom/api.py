@@ -43,7 +43,16 @@ def read_volume(inputs: Sequence[str | Path] | str | Path, *, out: PixelsOut = N
             _where(inputs),
             f"{len(scan.series)} image series found ({labels}{more}); pass the files of one series",
         )
-    return load_volume(scan.series[0], out=out)
+    volume = load_volume(scan.series[0], out=out)
+    if scan.rejected:
+        # A rejected file next to a usable series is most likely one of its slices: say so, since
+        # with 1–2 slices left the spacing checks cannot see the hole.
+        first = scan.rejected[0]
+        volume.warnings.append(
+            f"{len(scan.rejected)} other DICOM file(s) in the input were rejected (first: {first.reason}); "
+            "if they belong to this series, it is incomplete"
+        )
+    return volume
 
 
 def iter_volumes(inputs: Sequence[str | Path] | str | Path) -> Iterator[Volume | DicomInputError]:

@@ -214,7 +214,10 @@ def unusable_reason(ds: Dataset) -> str | None:
     photometric = str(el.get(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if int(el.get(ds, "SamplesPerPixel", 1) or 1) != 1 or photometric not in GRAYSCALE:
         return f"it is a colour image ({photometric or 'SamplesPerPixel > 1'}); only grayscale images can be segmented"
-    bits = int(el.get(ds, "BitsAllocated", 16) or 0)
+    missing = [k for k in ("BitsAllocated", "BitsStored", "PixelRepresentation") if el.get(ds, k) is None]
+    if missing:
+        return f"its header lacks {', '.join(missing)} (Image Pixel module), so its pixels cannot be decoded"
+    bits = int(el.get(ds, "BitsAllocated"))
     if bits not in (8, 16, 32):
         return f"its pixels have {bits} bits allocated (binary or unsupported); not a grayscale image"
     if el.has(ds, "FloatPixelData") or el.has(ds, "DoubleFloatPixelData"):
