@@ -49,15 +49,22 @@ def template_as_dicom(out: Path):
     t1 = datasets.load_mni152_template(resolution=1)
     mask = datasets.load_mni152_brain_mask(resolution=1)
     # View both in LPS index order (x→L, y→P, z→S), the usual axial DICOM layout.
-    ornt = nib.orientations.ornt_transform(nib.io_orientation(t1.affine), nib.orientations.axcodes2ornt("LPS"))
+    ornt = nib.orientations.ornt_transform(
+        nib.io_orientation(t1.affine), nib.orientations.axcodes2ornt("LPS")
+    )
     t1_lps, mask_lps = t1.as_reoriented(ornt), mask.as_reoriented(ornt)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ t1_lps.affine  # RAS → LPS world
     data = np.asarray(t1_lps.get_fdata(dtype=np.float32)).transpose(2, 1, 0) * 1000.0
     brain = (np.asarray(mask_lps.get_fdata()) > 0.5).transpose(2, 1, 0)
     zooms = t1_lps.header.get_zooms()[:3]
     files = write_series(
-        np.ascontiguousarray(data), out, spacing=(zooms[2], zooms[1], zooms[0]), affine=affine,
-        modality="MR", series_description="MNI152 T1 1mm (nilearn)", fsync=False,
+        np.ascontiguousarray(data),
+        out,
+        spacing=(zooms[2], zooms[1], zooms[0]),
+        affine=affine,
+        modality="MR",
+        series_description="MNI152 T1 1mm (nilearn)",
+        fsync=False,
     )
     return files, brain
 
@@ -88,16 +95,28 @@ def main() -> int:
     print(f"wrote {len(files)} DICOM slices to {series_dir} ({time.perf_counter() - t0:.1f} s)")
 
     bundle = out / "brain.edgeseg"
-    r = edgeseg_cli("build-engine", str(deepbet_model()), "-o", str(bundle),
-                    "--spec", str(HERE / "brain_extraction" / "spec.json"), "--name", "deepbet-brain-mask",
-                    "--description", "deepbet bbox model (MIT), coarse brain mask at 128^3",
-                    "--parity-input", str(series_dir))
+    r = edgeseg_cli(
+        "build-engine",
+        str(deepbet_model()),
+        "-o",
+        str(bundle),
+        "--spec",
+        str(HERE / "brain_extraction" / "spec.json"),
+        "--name",
+        "deepbet-brain-mask",
+        "--description",
+        "deepbet bbox model (MIT), coarse brain mask at 128^3",
+        "--parity-input",
+        str(series_dir),
+    )
     print(r.stdout + r.stderr)
     if r.returncode != 0:
         return r.returncode
 
     result_dir = out / "result"
-    r = edgeseg_cli("run", str(bundle), str(series_dir), "-o", str(result_dir), "--format", "seg,nifti,png", "--json")
+    r = edgeseg_cli(
+        "run", str(bundle), str(series_dir), "-o", str(result_dir), "--format", "seg,nifti,png", "--json"
+    )
     if r.returncode != 0:
         print(r.stdout + r.stderr)
         return r.returncode
@@ -124,13 +143,17 @@ def main() -> int:
         backend = seg.describe()
     print()
     print(f"Dice (edgeseg SEG vs MNI152 brain mask): {d:.4f}")
-    print(f"backend: {backend['backend']} {backend.get('precision', '')}, {backend.get('threads', '?')} threads")
+    print(
+        f"backend: {backend['backend']} {backend.get('precision', '')}, {backend.get('threads', '?')} threads"
+    )
     print("| stage | first run (CLI) ms | warm median ms |")
     print("|---|---|---|")
     for stage in ("read", "preprocess", "infer", "postprocess", "write"):
         first = outcome["timings_ms"].get(stage)
         warm = statistics.median(stages[stage]) if stage in stages else None
-        print(f"| {stage} | {first if first is not None else '-'} | {f'{warm:.1f}' if warm is not None else '-'} |")
+        print(
+            f"| {stage} | {first if first is not None else '-'} | {f'{warm:.1f}' if warm is not None else '-'} |"
+        )
     total_warm = sum(statistics.median(v) for v in stages.values())
     print(f"| total | {sum(outcome['timings_ms'].values()):.1f} | {total_warm:.1f} (segment only) |")
     return 0 if d > 0.9 else 1
