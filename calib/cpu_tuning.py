@@ -39,6 +39,16 @@ class CpuChoice:
     phase_conv: list[str] = field(default_factory=list)
     kept_fp32: list[str] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
+    few_channels: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """JSON for the bundle's provenance; :func:`tune_cpu_int8` can replay it."""
+        return {
+            "phase_conv": self.phase_conv,
+            "few_channels_fp32": self.few_channels,
+            "kept_fp32": self.kept_fp32,
+            "trials": self.trials,
+        }
 
 
 def few_channel_convs(model: Any, limit: int = FEW_CHANNELS) -> list[str]:
@@ -65,6 +75,7 @@ def tune_cpu_int8(
     candidates: Sequence[str] | None = None,
     budget_s: float = 60.0,
     margin: float = 0.03,
+    replay: dict[str, Any] | None = None,
 ) -> CpuChoice:
     """Pick phase convolutions and float few-channel convs for the CPU int8 graph.
 
@@ -80,6 +91,9 @@ def tune_cpu_int8(
         node names the user keeps fp32 (ConvTransposes among them are never rewritten).
     candidates:
         ConvTranspose names allowed to become phase convolutions (default: all that can).
+    replay:
+        a previous :meth:`CpuChoice.record` of this model: build its choice again without
+        timing anything (re-quantizing with more layers kept fp32 must not re-tune each round).
     """
     from edgeseg.calib.bench import time_model
     from edgeseg.export.phase_conv import rewrite_conv_transpose
@@ -95,6 +109,12 @@ def tune_cpu_int8(
             graph, _ = rewrite_conv_transpose(graph, only=set(phase))
         excluded = sorted(set(keep) | (set(few_channel_convs(graph)) if few else set()))
         return quantize(graph, excluded), excluded
+
+    if replay is not None:
+        phase = [c for c in replay.get("phase_conv", []) if c in candidates]
+        few = bool(replay.get("few_channels_fp32"))
+        model, excluded = build(phase, few)
+        return CpuChoice(model, phase, excluded, list(replay.get("trials", [])), few)
 
     start = time.perf_counter()
     model, excluded = build([], False)
@@ -125,7 +145,7 @@ def tune_cpu_int8(
         choice.trials.append({"variant": label, "ms": round(ms, 3), "kept": bool(better)})
         if better:
             best_ms, phase, few = ms, trial_phase, trial_few
-            choice = CpuChoice(trial, list(phase), trial_excluded, choice.trials)
+            choice = CpuChoice(trial, list(phase), trial_excluded, choice.trials, few)
     log.info("int8_cpu tuning: %s", choice.trials)
     return choice
 

@@ -325,6 +325,7 @@ def _build(
                 user_kept=user_kept,
                 ranges_cache=ranges_cache,
                 min_dice=min_dice,
+                cpu_tuning=prov["quantization"].get("int8_cpu_tuning"),
                 step=int(gate.get("auto_keep_step", AUTO_KEEP_STEP)),
                 max_rounds=int(gate.get("auto_keep_rounds", AUTO_KEEP_ROUNDS)),
                 budget_s=float(gate.get("auto_keep_budget_s", AUTO_KEEP_BUDGET_S)),
@@ -446,6 +447,7 @@ def auto_keep_fp32(
     user_kept: Sequence[str],
     ranges_cache: Path,
     min_dice: float,
+    cpu_tuning: dict[str, Any] | None = None,
     step: int = AUTO_KEEP_STEP,
     max_rounds: int = AUTO_KEEP_ROUNDS,
     budget_s: float = AUTO_KEEP_BUDGET_S,
@@ -502,6 +504,7 @@ def auto_keep_fp32(
             variants=pending,
             keep_fp32=[*keep, *kept],
             calibration_cache=ranges_cache,
+            cpu_tuning=cpu_tuning,  # the first build's measured CPU choice, not re-timed
         )
         models = {p: keep_layers_fp32(q.models[p], kept) for p in pending}
         qdq = check_qdq(models["int8"]) if "int8" in models else None

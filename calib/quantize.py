@@ -93,6 +93,7 @@ def quantize_int8(
     keep_fp32: Sequence[str] = (),
     tune_cpu: bool = True,
     tune_budget_s: float = 60.0,
+    cpu_tuning: dict[str, Any] | None = None,
     calibration_cache: str | Path | None = None,
 ) -> QuantResult:
     """Calibrate ``fp32`` on ``batches`` once and write the requested Q/DQ variants.
@@ -112,6 +113,9 @@ def quantize_int8(
     tune_cpu:
         shape ``int8_cpu`` by timings on this host (phase convolutions for ConvTranspose,
         few-channel convs kept float: :mod:`edgeseg.calib.cpu_tuning`); off: plain Q/DQ.
+    cpu_tuning:
+        the ``int8_cpu_tuning`` settings of an earlier call on this model: its choice is built
+        again without timing (auto-keep rounds).
     calibration_cache:
         a JSON file of ORT tensor ranges. When it exists, its ranges are used and no
         calibration pass runs (re-quantizing with more layers kept fp32: the ranges must come
@@ -187,13 +191,10 @@ def quantize_int8(
                     np.ascontiguousarray(batches[0][:4], dtype=np.float32),
                     keep=excluded,
                     budget_s=tune_budget_s,
+                    replay=cpu_tuning,
                 )
                 out[variant] = choice.model
-                tuning = {
-                    "phase_conv": choice.phase_conv,
-                    "kept_fp32": choice.kept_fp32,
-                    "trials": choice.trials,
-                }
+                tuning = choice.record()
             else:
                 out[variant] = quantize(src, variant, excluded)
         ranges = _ranges(load_tensors_data(cache))

@@ -168,3 +168,26 @@ def test_cpu_tuning_records_every_trial_and_keeps_only_what_was_faster():
     assert (cpu_ops.count("ConvTranspose") < 2) == bool(tuning["phase_conv"])
     trt_ops = [n.op_type for n in onnx.load_from_string(q.models["int8"]).graph.node]
     assert trt_ops.count("ConvTranspose") == 2 and "DepthToSpace" not in trt_ops
+
+
+def test_a_recorded_cpu_choice_is_rebuilt_without_timing(monkeypatch):
+    """Auto-keep rounds re-quantize with the first build's CPU choice instead of re-tuning."""
+    from edgeseg.calib import bench
+    from edgeseg.calib.quantize import quantize_int8
+
+    model, batches = _small_unet(out_channels=2, size=64)
+    first = quantize_int8(model, batches, "x", variants=["int8_cpu"], tune_budget_s=30)
+    tuning = first.settings["int8_cpu_tuning"]
+
+    def no_timing(*a, **k):
+        raise AssertionError("a replayed choice must not be timed")
+
+    monkeypatch.setattr(bench, "time_model", no_timing)
+    again = quantize_int8(model, batches, "x", variants=["int8_cpu"], cpu_tuning=tuning)
+    replayed = again.settings["int8_cpu_tuning"]
+    assert replayed["phase_conv"] == tuning["phase_conv"]
+    assert replayed["few_channels_fp32"] == tuning["few_channels_fp32"]
+    ops = [
+        [n.op_type for n in onnx.load_from_string(q.models["int8_cpu"]).graph.node] for q in (first, again)
+    ]
+    assert ops[0] == ops[1]
