@@ -68,7 +68,6 @@ def rewrite_conv_transpose(model: Any, only: set[str] | None = None) -> tuple[An
     """Replace every supported ConvTranspose of ``model`` (an onnx ModelProto, changed in place)
     by phase convolutions. Returns the model and the names of the nodes replaced."""
     import onnx
-    from onnx import helper, numpy_helper
 
     inferred = onnx.shape_inference.infer_shapes(model)
     value_info = {
@@ -85,7 +84,7 @@ def rewrite_conv_transpose(model: Any, only: set[str] | None = None) -> tuple[An
             new_nodes.append(node)
             continue
         name = node.name or f"ConvTranspose_{idx}"
-        nodes, tensors = _phase_graph(name, node, plan, numpy_helper, helper)
+        nodes, tensors = _phase_graph(name, node, plan)
         new_nodes.extend(nodes)
         new_inits.extend(tensors)
         replaced.append(name)
@@ -150,28 +149,41 @@ def _plan(node: Any, inits: dict[str, Any], value_info: dict[str, Any]) -> dict[
     }
 
 
-def _phase_graph(name: str, node: Any, p: dict[str, Any], numpy_helper: Any, helper: Any):
+def _phase_graph(name: str, node: Any, p: dict[str, Any]) -> tuple[list[Any], list[Any]]:
     """The nodes and initializers that compute ``node``'s output from its input."""
+    from onnx import helper, numpy_helper
+
     dims, cout, strides = p["dims"], p["cout"], p["strides"]
-    nodes, tensors, phase_outs = [], [], []
+    nodes: list[Any] = []
+    tensors: list[Any] = []
+    phase_outs = []
     x = node.input[0]
+    bias = []
+    if p["bias"] is not None:  # every phase adds the same bias: one initializer for all
+        tensors.append(numpy_helper.from_array(p["bias"], f"{name}/B"))
+        bias = [f"{name}/B"]
+    # Without pads or output_padding the interleaved phases are the output: no crop (a copy).
+    crop = (
+        list(p["pads"][:dims]) != [0] * dims or [q * s for q, s in zip(p["q_len"], strides)] != p["out_len"]
+    )
+    full = f"{name}/full" if crop else node.output[0]
     for r, w in phase_kernels(p["w"], strides):
         tag = f"{name}/phase" + "".join(map(str, r))
         kr = list(w.shape[2:])
         # Left pad K_r − 1 reads x[q − (K_r − 1) + t]; the right pad makes every phase q_len long.
         pad_lo = [k - 1 for k in kr]
         pad_hi = [q - n for q, n in zip(p["q_len"], p["in_len"])]
-        w_name = f"{tag}/W"
-        tensors.append(numpy_helper.from_array(w.astype(p["w"].dtype), w_name))
-        inputs = [x, w_name]
-        if p["bias"] is not None:
-            b_name = f"{tag}/B"
-            tensors.append(numpy_helper.from_array(p["bias"], b_name))
-            inputs.append(b_name)
+        tensors.append(numpy_helper.from_array(w, f"{tag}/W"))
         out = f"{tag}/y"
         nodes.append(
             helper.make_node(
-                "Conv", inputs, [out], name=tag, kernel_shape=kr, pads=pad_lo + pad_hi, strides=[1] * dims
+                "Conv",
+                [x, f"{tag}/W", *bias],
+                [out],
+                name=tag,
+                kernel_shape=kr,
+                pads=pad_lo + pad_hi,
+                strides=[1] * dims,
             )
         )
         phase_outs.append(out)
@@ -184,7 +196,7 @@ def _phase_graph(name: str, node: Any, p: dict[str, Any], numpy_helper: Any, hel
             helper.make_node(
                 "DepthToSpace",
                 [cat],
-                [f"{name}/full"],
+                [full],
                 name=f"{name}/interleave",
                 blocksize=strides[0],
                 mode="DCR",
@@ -213,10 +225,12 @@ def _phase_graph(name: str, node: Any, p: dict[str, Any], numpy_helper: Any, hel
             helper.make_node(
                 "Reshape",
                 [f"{name}/interleaved", f"{name}/merged"],
-                [f"{name}/full"],
+                [full],
                 name=f"{name}/merge_reshape",
             ),
         ]
+    if not crop:
+        return nodes, tensors
     starts = np.array(p["pads"][:dims], np.int64)
     ends = starts + np.array(p["out_len"], np.int64)
     axes = np.arange(2, 2 + dims, dtype=np.int64)
@@ -228,7 +242,7 @@ def _phase_graph(name: str, node: Any, p: dict[str, Any], numpy_helper: Any, hel
     nodes.append(
         helper.make_node(
             "Slice",
-            [f"{name}/full", f"{name}/crop_starts", f"{name}/crop_ends", f"{name}/crop_axes"],
+            [full, f"{name}/crop_starts", f"{name}/crop_ends", f"{name}/crop_axes"],
             [node.output[0]],
             name=f"{name}/crop",
         )
