@@ -69,6 +69,17 @@ class PipelineResult:
         }
 
 
+def hippocampus_example() -> Any:
+    """examples/hippocampus/train.py as a module (its make_model builds the example's nets)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "hippocampus" / "train.py"
+    spec = importlib.util.spec_from_file_location("hippo_train", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
 def finish_run(stages: dict[str, float], e2e_ms: float) -> dict[str, float]:
     """Add e2e and "other" (wall time not inside any named stage) to one run's stages."""
     run = {k: stages.get(k, 0.0) for k in STAGES}

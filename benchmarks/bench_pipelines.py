@@ -134,14 +134,9 @@ def _hippocampus_case() -> Case:
     skip = "" if msd.is_dir() else f"MSD hippocampus data not found at {msd}"
 
     def model() -> Any:
-        import importlib.util
-
         import torch
 
-        spec = importlib.util.spec_from_file_location("hippo_train", root / "train.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        net = mod.make_model(2)
+        net = common.hippocampus_example().make_model(2)
         net.load_state_dict(torch.load(weights, map_location="cpu"))
         return net.eval()
 

@@ -16,25 +16,17 @@ Prints a table; nothing is asserted (this is not a timed test).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import tempfile
 import time
 from pathlib import Path
 
+import _bench_common as common  # the script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = (
     Path(os.environ.get("EDGESEG_SHARED", REPO.parent / "shared")) / "data" / "seg" / "msd_task04_hippocampus"
 )
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location(
-        "hippo_train", REPO / "examples" / "hippocampus" / "train.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def _build(model, spec, data: Path, n_samples: int, max_holdout: int, workdir: Path):
@@ -80,7 +72,7 @@ def main() -> None:
     from edgeseg.spec import Label, ModelSpec, ZScore
 
     torch.set_num_threads(os.cpu_count() or 1)
-    ex = _example()
+    ex = common.hippocampus_example()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         net = ex.make_model(2)
