@@ -21,6 +21,7 @@ from edgeseg._exceptions import DicomInputError
 from edgeseg.dicom import elements as el
 from edgeseg.dicom.frames import FrameInfo, frame_infos, is_enhanced, n_frames
 from edgeseg.dicom.geometry import DUP_TOL_MM, GeometryError, orientation, same_orientation, stack_geometry
+from edgeseg.dicom.mosaic import is_mosaic, load_mosaic
 from edgeseg.dicom.pixels import apply_modality_lut_sequence, decode_frames, has_modality_lut, target_dtype
 from edgeseg.dicom.scan import (
     DEFER_SIZE,
@@ -187,6 +188,13 @@ def _load(ref: SeriesRef, out: PixelsOut = None) -> Volume:
         datasets.append(ds)
         known = ref.frame_infos.get(path)
         infos.append(known[1] if known is not None and known[0] is ds else frame_infos(ds))
+    if any(is_mosaic(ds) for ds in datasets):
+        # A Siemens MOSAIC instance is a whole volume on its own (the scan gives each its part).
+        if len(files) > 1:
+            raise DicomInputError(
+                _where(files), "a Siemens MOSAIC instance is a volume of its own; load one at a time"
+            )
+        return load_mosaic(files[0], datasets[0], lambda shape, dtype: _allocate(out, shape, dtype))
     rows0, cols0 = el.get(datasets[0], "Rows"), el.get(datasets[0], "Columns")
     shape = (int(rows0), int(cols0))
     series_uid = str(el.get(datasets[0], "SeriesInstanceUID", ""))

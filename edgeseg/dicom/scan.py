@@ -33,6 +33,7 @@ from edgeseg._exceptions import DicomInputError
 from edgeseg.dicom import elements as el
 from edgeseg.dicom.frames import FrameInfo, frame_infos, is_enhanced, n_frames, sop_class_name
 from edgeseg.dicom.geometry import IOP_TOL, orientation
+from edgeseg.dicom.mosaic import is_mosaic, mosaic_reason
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # Modalities that carry pixel data but are not images to segment.
@@ -224,10 +225,7 @@ def unusable_reason(ds: Dataset) -> str | None:
         return "it stores floating-point pixel data, which is not supported"
     image_type = [str(v).upper() for v in (el.get(ds, "ImageType") or [])]
     if "MOSAIC" in image_type:
-        return (
-            "it is a Siemens MOSAIC (all slices tiled in one image); un-tiling is not supported, "
-            "convert it with dcm2niix first"
-        )
+        return mosaic_reason(ds)  # a Siemens tiled volume: usable when its CSA header un-tiles it
     try:
         count = n_frames(ds)
     except (TypeError, ValueError):
@@ -263,7 +261,7 @@ def _instance(path: Path, ds: Dataset) -> _Instance:
         cols=int(el.get(ds, "Columns")),
         iop=iop,
         ipp=ipp,
-        multiframe=is_enhanced(ds) or n_frames(ds) > 1,
+        multiframe=is_enhanced(ds) or n_frames(ds) > 1 or is_mosaic(ds),  # a MOSAIC is a whole volume
         instance_number=number,
         header=ds,
         infos=infos,
@@ -395,7 +393,9 @@ def _parts_of(members: list[_Instance], copy_note: str) -> list[tuple[list[_Inst
     parts: list[tuple[list[_Instance], str]] = []
     for m in members:
         if m.multiframe:
-            parts.append(([m], f"multi-frame instance{copy_note}"))
+            mosaic = is_mosaic(m.header)
+            kind = f"MOSAIC volume, instance {m.instance_number}" if mosaic else "multi-frame instance"
+            parts.append(([m], f"{kind}{copy_note}"))
         elif m.iop is None or m.ipp is None:
             parts.append(([m], f"image without position{copy_note}"))
     stackable = [m for m in members if not m.multiframe and m.iop is not None and m.ipp is not None]
