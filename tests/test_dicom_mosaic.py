@@ -81,7 +81,8 @@ def _compare(volume, img, ds) -> dict:
     assert xyz.min() == 0 and list(xyz.max(axis=1)) == [nx - 1, ny - 1, nz - 1], "the grids differ in extent"
     ours = volume.stored[xyz[2], xyz[1], xyz[0]]
     theirs = _sign_extend_if_unextended(data.reshape(-1), ds)
-    slope, inter = img.dataobj.slope, img.dataobj.inter
+    slope, inter = img.header.get_slope_inter()  # None, None: unscaled
+    slope, inter = (1.0 if slope is None else slope), (0.0 if inter is None else inter)
     return {
         "affine_diff": affine_diff,
         "values_equal": bool(np.array_equal(ours.astype(np.int64), theirs.astype(np.int64))),
@@ -243,6 +244,37 @@ def test_each_mosaic_instance_is_its_own_part(tmp_path):
     volumes = [load_volume(ref) for ref in scan.series]
     assert [v.shape for v in volumes] == [(25, 128, 128)] * 2
     assert len({v.sop_instance_uids[0] for v in volumes}) == 2
+
+
+def _nibabel_dwi_pair(into: Path) -> Path:
+    """nibabel's two real Siemens DWI MOSAICs of one series (b=0 and b=1000), unpacked into ``into``."""
+    import gzip
+
+    data = Path(nib.__file__).parent / "nicom" / "tests" / "data"
+    sources = [data / "siemens_dwi_0.dcm.gz", data / "siemens_dwi_1000.dcm.gz"]
+    if not all(p.is_file() for p in sources):
+        pytest.skip(f"nibabel's Siemens DWI test files are not installed under {data}")
+    into.mkdir()
+    for src in sources:
+        (into / src.name.removesuffix(".gz")).write_bytes(gzip.decompress(src.read_bytes()))
+    return into
+
+
+def test_a_real_two_volume_dwi_series_gives_one_part_per_volume_like_dcm2niix(tmp_path):
+    folder = _nibabel_dwi_pair(tmp_path / "in")
+    scan = find_series(folder)
+    assert scan.rejected == [] and len(scan.series) == 2
+    assert len({ref.series_instance_uid for ref in scan.series}) == 1
+    (img,) = _dcm2niix(folder, tmp_path / "out")
+    assert img.shape == (128, 128, 48, 2)  # dcm2niix: one 4D image, volumes in instance order
+    for ref in scan.series:
+        ds = ref.datasets[ref.files[0]]
+        number = int(ds.InstanceNumber)
+        assert f"MOSAIC volume, instance {number}" in ref.label
+        volume = load_volume(ref)
+        frame = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., number - 1], img.affine, img.header)
+        got = _compare(volume, frame, ds)
+        assert got["affine_diff"] <= AFFINE_TOL_MM and got["values_equal"], (number, got)
 
 
 # -- end to end --------------------------------------------------------------------------------

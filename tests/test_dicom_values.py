@@ -60,7 +60,7 @@ def test_lossy_variant_is_close_but_flagged():
 
 def test_12bit_signed_trap_decodes_documented_values():
     # The README: stripes 0x0F0F -> -241 and 0xFFFF -> -1 (sign bit is HighBit 11).
-    # The file is a Siemens MOSAIC, so it is not a volume; its decoding is checked directly.
+    # The file is a Siemens MOSAIC: its decoding is checked directly, then un-tiled as a volume.
     path = shared_path("dicom", "dcm_qa_12bit", "12bitSigned_0x0F0F.dcm")
     ds = dcmread(path)
     raw = np.frombuffer(ds.PixelData, dtype="<u2").reshape(ds.Rows, ds.Columns)
@@ -76,7 +76,8 @@ def test_12bit_signed_trap_decodes_documented_values():
     assert set(np.unique(frames_u[0][raw_u == 0x0F0F])) == {3855}
     assert set(np.unique(frames_u[0][raw_u == 0xFFFF])) == {4095}
     scan = find_series([path])
-    assert not scan.series and "MOSAIC" in scan.rejected[0].reason
+    assert not scan.rejected and len(scan.series) == 1  # un-tiled (tests/test_dicom_mosaic.py)
+    assert set(np.unique(load_volume(scan.series[0]).stored)) == set(np.unique(frames))
 
 
 def test_ct_three_slices_hu():
