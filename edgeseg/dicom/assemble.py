@@ -22,7 +22,13 @@ from edgeseg.dicom import elements as el
 from edgeseg.dicom.frames import FrameInfo, frame_infos, is_enhanced, n_frames
 from edgeseg.dicom.geometry import DUP_TOL_MM, GeometryError, orientation, same_orientation, stack_geometry
 from edgeseg.dicom.mosaic import is_mosaic, load_mosaic
-from edgeseg.dicom.pixels import apply_modality_lut_sequence, decode_frames, has_modality_lut, target_dtype
+from edgeseg.dicom.pixels import (
+    apply_modality_lut_sequence,
+    check_pixel_length,
+    decode_frames,
+    has_modality_lut,
+    target_dtype,
+)
 from edgeseg.dicom.scan import (
     DEFER_SIZE,
     SeriesRef,
@@ -158,14 +164,53 @@ def load_volume(ref: SeriesRef, *, out: PixelsOut = None) -> Volume:
         one-sentence reason.
     """
     with quiet_pydicom():
-        return _load(ref, out)
+        try:
+            return _load(ref, out)
+        except DicomInputError:
+            raise
+        except _FromOut as wrapped:
+            raise wrapped.exc from None  # the caller's own allocator failed: not the file's fault
+        except el.HeaderValueError as err:
+            raise DicomInputError(_where_ref(ref), str(err)) from None
+        except MemoryError as exc:
+            raise DicomInputError(
+                _where_ref(ref),
+                f"there is not enough memory to load it ({exc or 'MemoryError'}); check its image size",
+            ) from None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - safety net, native decoders raise BaseExceptions
+            # The places that know which file failed map errors themselves; this catches the rest.
+            raise DicomInputError(
+                _where_ref(ref), f"the series cannot be assembled ({type(exc).__name__}); a file is damaged"
+            ) from None
+
+
+class _FromOut(Exception):
+    """Carries an exception raised by the caller's ``out`` past the safety net unchanged."""
+
+    def __init__(self, exc: Exception):
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+def _where_ref(ref: SeriesRef) -> Path | None:
+    files = [p if isinstance(p, Path) else Path(p) for p in ref.files]
+    return _where(files) if files else None
 
 
 def _allocate(out: PixelsOut, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """The array the decoded pixels are written into (see ``load_volume``'s ``out``)."""
     if out is None:
-        return np.empty(shape, dtype=dtype)
-    array = out(shape, dtype) if callable(out) else out
+        try:
+            return np.empty(shape, dtype=dtype)
+        except MemoryError:
+            size = int(np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize / 2**20)
+            raise MemoryError(f"{size} MiB for the pixels of {shape}") from None
+    try:
+        array = out(shape, dtype) if callable(out) else out
+    except Exception as exc:
+        raise _FromOut(exc) from exc
     if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
         got = (getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__))
         raise ValueError(f"'out' must give a {dtype} array of shape {shape} for this series, got {got}")
@@ -182,12 +227,16 @@ def _load(ref: SeriesRef, out: PixelsOut = None) -> Volume:
     datasets: list[Dataset] = []
     infos: list[list[FrameInfo]] = []
     for path in files:
-        ds = ref.datasets.get(path)
-        if ds is None or not el.has(ds, "PixelData"):
-            ds = _read(path)
+        try:
+            ds = ref.datasets.get(path)
+            if ds is None or not el.has(ds, "PixelData"):
+                ds = _read(path)
+            known = ref.frame_infos.get(path)
+            infos.append(known[1] if known is not None and known[0] is ds else frame_infos(ds))
+            check_pixel_length(ds, path)
+        except el.HeaderValueError as err:
+            raise DicomInputError(path, str(err)) from None
         datasets.append(ds)
-        known = ref.frame_infos.get(path)
-        infos.append(known[1] if known is not None and known[0] is ds else frame_infos(ds))
     if any(is_mosaic(ds) for ds in datasets):
         # A Siemens MOSAIC instance is a whole volume on its own (the scan gives each its part).
         if len(files) > 1:

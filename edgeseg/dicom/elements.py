@@ -24,8 +24,27 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 _NO: Any = object()  # "not a plain form: ask pydicom"
+
+
+class HeaderValueError(ValueError):
+    """An element's raw bytes cannot be turned into a value (an unknown VR, a length that is not
+    a multiple of the value size, a sequence that does not parse …): the file is damaged.
+
+    ``keyword`` and ``tag`` say which element; the message never quotes the value.
+    """
+
+    def __init__(self, keyword: str, tag: int, cause: BaseException):
+        self.keyword = keyword
+        self.tag = tag
+        where = f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        super().__init__(
+            f"its header element {where} cannot be read ({type(cause).__name__}); the file is damaged"
+        )
+
+
 _DS = re.compile(rb" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *")
 _IS = re.compile(rb" *[+-]?[0-9]+ *")
 
@@ -86,6 +105,21 @@ def _spec(keyword: str) -> tuple[int, str | None]:
     return spec
 
 
+def get_int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    """The element's value as one int; ``default`` when absent or empty, None when it is not a
+    single integer (several values, text, a fraction)."""
+    value = get(ds, keyword)
+    if value is None or value == "":
+        return default
+    if isinstance(value, (list, tuple, MultiValue, bytes)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
 def has(ds: Dataset, keyword: str) -> bool:
     """``keyword in ds``."""
     return _spec(keyword)[0] in ds._dict
@@ -104,4 +138,7 @@ def get(ds: Dataset, keyword: str, default: Any = None) -> Any:
         value = _PARSERS[vr](raw, elem.is_little_endian)
         if value is not _NO:
             return value
-    return ds[tag].value  # pydicom converts (and keeps the converted element)
+    try:
+        return ds[tag].value  # pydicom converts (and keeps the converted element)
+    except Exception as exc:  # unknown VR, bad length, broken sequence, no memory for a huge length …
+        raise HeaderValueError(keyword, tag, exc) from None

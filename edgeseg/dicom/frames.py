@@ -9,6 +9,7 @@ which kind of instance a slice came from.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +162,12 @@ def frame_infos(ds: Dataset) -> list[FrameInfo]:
     return out
 
 
+_UID_FORM = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
 def sop_class_name(uid: str) -> str:
-    """The registered name of a SOP Class UID, or the UID itself."""
-    name = UID(uid).name if uid else ""
-    return name or uid or "unknown SOP class"
+    """The registered name of a SOP Class UID, the UID itself when it is a well-formed one, or
+    "unknown SOP class": a damaged value is never quoted (it may hold other header bytes)."""
+    if not isinstance(uid, str) or len(uid) > 64 or not _UID_FORM.fullmatch(uid):
+        return "unknown SOP class"
+    return UID(uid).name or uid

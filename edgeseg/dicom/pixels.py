@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from edgeseg._exceptions import DicomInputError
 from edgeseg.dicom import elements as el
@@ -49,7 +49,8 @@ def native_frames(ds: Dataset, into: np.ndarray | None = None) -> np.ndarray | N
     it. Otherwise the result may be a read-only view on the dataset's pixel bytes.
     """
     meta = getattr(ds, "file_meta", None)
-    order = _NATIVE_ORDER.get(getattr(meta, "TransferSyntaxUID", None)) if meta is not None else None
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    order = _NATIVE_ORDER.get(ts) if isinstance(ts, str) else None
     elem = ds._dict.get(_PIXEL_DATA)
     if order is None or elem is None:
         return None
@@ -149,8 +150,7 @@ def decode_frames(
     arr = native_frames(ds, into)
     if arr is not None:
         return arr, []
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    ts_name = ts.name if ts is not None else "unknown transfer syntax"
+    ts_name = _ts_name(ds)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -159,7 +159,10 @@ def decode_frames(
             raise DicomInputError(
                 path, f"no installed decoder handles {ts_name} (install the pylibjpeg plugins)"
             ) from None
-        except Exception as exc:  # pydicom/plugins raise many types for damaged data
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pydicom/plugins raise many types for damaged
+            # data, and native decoders BaseExceptions (pylibjpeg-rle: pyo3 PanicException)
             raise DicomInputError(
                 path,
                 f"the pixel data cannot be decoded ({ts_name}, {type(exc).__name__}); it may be truncated or corrupt",
@@ -172,6 +175,40 @@ def decode_frames(
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr, notes
+
+
+def _ts_name(ds: Dataset) -> str:
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = UID(ts).name if isinstance(ts, str) and ts else ""
+    return name if name and name != ts else "an unknown transfer syntax"  # never a damaged value
+
+
+def check_pixel_length(ds: Dataset, path: str | Path) -> None:
+    """Refuse uncompressed pixel data shorter than Rows x Columns x frames x bits need, before
+    any memory is set aside for it (a damaged Rows or NumberOfFrames could ask for gigabytes)."""
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    elem = ds._dict.get(_PIXEL_DATA)
+    if not isinstance(ts, str) or ts not in _NATIVE_ORDER or elem is None:
+        return
+    rows, cols = el.get_int(ds, "Rows"), el.get_int(ds, "Columns")
+    bits, count = el.get_int(ds, "BitsAllocated"), el.get_int(ds, "NumberOfFrames", 1)
+    if None in (rows, cols, bits, count):
+        return  # unusable_reason has refused it already
+    value = elem.value
+    if elem.__class__ is RawDataElement and value is None:
+        length = elem.length  # left on disk by the scan
+    elif isinstance(value, (bytes, bytearray)):
+        length = len(value)  # as read: shorter than the header's length when the file is truncated
+    else:
+        return
+    expected = rows * cols * count * bits // 8
+    if length == 0xFFFFFFFF or length < expected:
+        raise DicomInputError(
+            path,
+            f"its pixel data holds {'an undefined number of' if length == 0xFFFFFFFF else length} bytes "
+            f"where {cols}x{rows}x{count} pixels of {bits} bits need {expected}; the file is truncated or damaged",
+        )
 
 
 def has_modality_lut(ds: Dataset) -> bool:

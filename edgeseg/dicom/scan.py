@@ -39,6 +39,9 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # Modalities that carry pixel data but are not images to segment.
 NON_IMAGE_MODALITIES = {"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTIMAGE", "RTRECORD", "SR", "KO", "PR", "REG"}
 GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
+PHOTOMETRIC_TERMS = GRAYSCALE | {
+    "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
+}  # fmt: skip
 
 
 @dataclass
@@ -208,19 +211,43 @@ def unusable_reason(ds: Dataset) -> str | None:
     if modality in NON_IMAGE_MODALITIES:
         return f"it is a {sop_class_name(sop)} ({modality}) object, not an image to segment"
     if not el.has(ds, "Rows") or not el.has(ds, "Columns"):
-        overlays = any(e.tag.group & 0xFF01 == 0x6000 and e.tag.element == 0x3000 for e in ds)
+        # Tags only: iterating the dataset would convert (and may choke on) every element.
+        overlays = any(t >> 16 & 0xFF01 == 0x6000 and t & 0xFFFF == 0x3000 for t in ds._dict)
         if overlays:
             return "it holds only overlay planes, no image pixel data"
         return f"it has no image pixel data ({sop_class_name(sop)})"
-    photometric = str(el.get(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if int(el.get(ds, "SamplesPerPixel", 1) or 1) != 1 or photometric not in GRAYSCALE:
-        return f"it is a colour image ({photometric or 'SamplesPerPixel > 1'}); only grayscale images can be segmented"
+    ts = getattr(ds.get("file_meta"), "TransferSyntaxUID", None)
+    if ts is not None and not isinstance(ts, str):
+        return "its Transfer Syntax UID is not a single UID; the file meta information is damaged"
+    photometric = el.get(ds, "PhotometricInterpretation", "MONOCHROME2")
+    photometric = photometric.strip().upper() if isinstance(photometric, str) else ""
+    samples = el.get_int(ds, "SamplesPerPixel", 1)
+    if samples != 1 or photometric not in GRAYSCALE:
+        # Only a known term is quoted: a damaged value may hold other header bytes.
+        what = (
+            photometric if photometric in PHOTOMETRIC_TERMS else "SamplesPerPixel > 1" if samples != 1 else ""
+        )
+        if not what:
+            return "its PhotometricInterpretation is not a known term, so its pixels cannot be decoded"
+        return f"it is a colour image ({what}); only grayscale images can be segmented"
     missing = [k for k in ("BitsAllocated", "BitsStored", "PixelRepresentation") if el.get(ds, k) is None]
     if missing:
         return f"its header lacks {', '.join(missing)} (Image Pixel module), so its pixels cannot be decoded"
-    bits = int(el.get(ds, "BitsAllocated"))
+    rows, cols = el.get_int(ds, "Rows"), el.get_int(ds, "Columns")
+    if rows is None or cols is None or rows < 1 or cols < 1:
+        return "its Rows or Columns is not one positive number, so its pixels cannot be decoded"
+    bits = el.get_int(ds, "BitsAllocated")
+    if bits is None:
+        return "its BitsAllocated is not one number, so its pixels cannot be decoded"
     if bits not in (8, 16, 32):
         return f"its pixels have {bits} bits allocated (binary or unsupported); not a grayscale image"
+    stored = el.get_int(ds, "BitsStored")
+    if stored is None or not 1 <= stored <= bits:
+        return f"its BitsStored is not a number from 1 to its BitsAllocated ({bits}), so its pixels cannot be decoded"
+    if el.get_int(ds, "PixelRepresentation") not in (0, 1):
+        return (
+            "its PixelRepresentation is neither 0 (unsigned) nor 1 (signed), so its pixels cannot be decoded"
+        )
     if el.has(ds, "FloatPixelData") or el.has(ds, "DoubleFloatPixelData"):
         return "it stores floating-point pixel data, which is not supported"
     image_type = [str(v).upper() for v in (el.get(ds, "ImageType") or [])]
@@ -228,13 +255,20 @@ def unusable_reason(ds: Dataset) -> str | None:
         return mosaic_reason(ds)  # a Siemens tiled volume: usable when its CSA header un-tiles it
     try:
         count = n_frames(ds)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return "its NumberOfFrames is not a number"
+    if count < 1:
+        return f"its NumberOfFrames is {count}, so it holds no image"
     if count > 1 and not is_enhanced(ds):
         return (
             f"it is a multi-frame image ({count} frames) without per-frame positions, "
             "so its frames cannot be placed in space"
         )
+    per_frame = el.get(ds, "PerFrameFunctionalGroupsSequence")
+    if count > 1 and per_frame is not None and len(per_frame) != count:
+        # PS3.3 C.7.6.16: one item per frame; another count means a damaged header, and
+        # trusting NumberOfFrames alone could mean millions of frames from one flipped digit.
+        return f"its NumberOfFrames ({count}) differs from its {len(per_frame)} per-frame functional groups"
     return None
 
 
@@ -364,8 +398,8 @@ def _split_repeats(items: list[_Instance]) -> list[list[_Instance]]:
 
 def _label(inst: _Instance, part: int, n_parts: int, why: str) -> str:
     text = inst.modality
-    series_number = str(inst.header.get("SeriesNumber", "") or "")
-    description = str(inst.header.get("SeriesDescription", "") or "").strip()
+    series_number = _label_text(inst.header, "SeriesNumber")
+    description = _label_text(inst.header, "SeriesDescription").strip()
     if series_number:
         text += f" #{series_number}"
     if description:
@@ -373,6 +407,14 @@ def _label(inst: _Instance, part: int, n_parts: int, why: str) -> str:
     if n_parts > 1:
         text += f" [part {part}/{n_parts}: {why}]"
     return text
+
+
+def _label_text(ds: Dataset, keyword: str) -> str:
+    # pydicom's own value (str() of an IS keeps "05"); a damaged element just leaves it out.
+    try:
+        return str(ds.get(keyword, "") or "")
+    except Exception:
+        return ""
 
 
 def _copies(members: list[_Instance]) -> list[list[_Instance]]:
@@ -471,33 +513,49 @@ def _find_series(inputs: list[str | Path]) -> ScanResult:
         seen.add(key)
         try:
             ds = _read_header(path, True)
+            if ds is None:
+                result.skipped.append(path)
+                continue
+            inst = _examine(path, ds, result, queue, seen, folders)
         except DicomInputError as err:
             result.rejected.append(err)
             continue
-        if ds is None:
-            result.skipped.append(path)
+        except el.HeaderValueError as err:
+            result.rejected.append(DicomInputError(path, str(err)))
             continue
-        sop_class = str(
-            el.get(ds, "SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")
-        )
-        if el.has(ds, "DirectoryRecordSequence") or sop_class == MEDIA_STORAGE_DIRECTORY:
-            # A DICOMDIR is an index: follow it, do not count it as an image or an error.
-            files, missing = _dicomdir_files(path, ds)
-            for err in missing:
-                key = _resolved(Path(err.path), folders)
-                if key not in seen:
-                    seen.add(key)
-                    result.rejected.append(err)
-            queue.extend(files)
-            result.skipped.append(path)
-            continue
-        reason = unusable_reason(ds)
-        if reason:
-            modality = str(el.get(ds, "Modality", "") or "").upper()
+        except Exception as exc:  # safety net: one damaged file must not stop the scan of the others
             result.rejected.append(
-                DicomInputError(path, reason, not_an_image=modality in NON_IMAGE_MODALITIES)
+                DicomInputError(
+                    path, f"its header cannot be interpreted ({type(exc).__name__}); the file is damaged"
+                )
             )
             continue
-        instances.append(_instance(path, ds))
+        if inst is not None:
+            instances.append(inst)
     result.series = _group(instances)
     return result
+
+
+def _examine(
+    path: Path, ds: Dataset, result: ScanResult, queue: deque[Path], seen: set[str], folders: dict[str, str]
+) -> _Instance | None:
+    """Sort one parsed file: follow a DICOMDIR, reject an unusable instance, or return it."""
+    sop_class = str(
+        el.get(ds, "SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", "")
+    )
+    if el.has(ds, "DirectoryRecordSequence") or sop_class == MEDIA_STORAGE_DIRECTORY:
+        # A DICOMDIR is an index: follow it, do not count it as an image or an error.
+        files, missing = _dicomdir_files(path, ds)
+        for err in missing:
+            key = _resolved(Path(err.path), folders)
+            if key not in seen:
+                seen.add(key)
+                result.rejected.append(err)
+        queue.extend(files)
+        result.skipped.append(path)
+        return None
+    reason = unusable_reason(ds)
+    if reason:
+        modality = str(el.get(ds, "Modality", "") or "").upper()
+        raise DicomInputError(path, reason, not_an_image=modality in NON_IMAGE_MODALITIES)
+    return _instance(path, ds)
