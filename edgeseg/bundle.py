@@ -31,6 +31,7 @@ class Bundle:
     manifest: dict[str, Any]
     spec: ModelSpec
     _members: dict[str, zipfile.ZipInfo] = field(default_factory=dict, repr=False)
+    _acceptance: Any = field(default=None, repr=False)
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -125,6 +126,23 @@ class Bundle:
         return choice if choice in self.artifacts else "fp32"
 
     @property
+    def acceptance(self):
+        """The acceptance set (:class:`edgeseg.backends.acceptance.AcceptanceSet`) every engine
+        built or compiled on a device is checked against, or None in bundles built without one."""
+        from edgeseg.backends.acceptance import MEMBER, AcceptanceSet
+
+        if MEMBER not in self._members:
+            return None
+        if self._acceptance is None:
+            self._acceptance = AcceptanceSet.from_bytes(self.read(MEMBER), str(self.path))
+        return self._acceptance
+
+    @property
+    def cpu_engines(self) -> dict[str, Any]:
+        """The build's table of CPU engines × precisions (``{"host": …, "rows": […]}``)."""
+        return dict((self.manifest.get("runtime") or {}).get("cpu_engines") or {})
+
+    @property
     def engines(self) -> list[str]:
         return sorted(n for n in self._members if n.startswith("engines/") and n.endswith(".plan"))
 
@@ -151,6 +169,8 @@ class Bundle:
             "precisions": self.precisions,
             "artifact_bytes": sizes,
             "cpu_precision": self.cpu_precision,
+            "cpu_engines": self.cpu_engines,
+            "acceptance_inputs": len(self.acceptance.inputs) if self.acceptance is not None else 0,
             "engines": self.engines,
             "spec": self.spec.to_dict(),
             "provenance": self.manifest.get("provenance", {}),

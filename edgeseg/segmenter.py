@@ -30,6 +30,7 @@ from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
 log = logging.getLogger("edgeseg")
+BACKENDS = ("auto", "cpu", "openvino", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -83,15 +84,18 @@ class Segmenter:
         precision: str | None = None,
         threads: int | None = None,
     ) -> Segmenter:
-        """Open a bundle on the best (``"auto"``) or the named backend (``"cpu"``, ``"tensorrt"``).
+        """Open a bundle on the best (``"auto"``) or the named backend.
 
-        ``auto`` uses TensorRT when a GPU and TensorRT are present and CPU otherwise, and logs
-        which; naming a backend that cannot start raises :class:`BackendError` with the reason.
-        ``precision`` defaults to the bundle's recorded choice for the backend.
+        ``backend``: ``"auto"`` (TensorRT when a GPU and TensorRT are present, else ``"cpu"``),
+        ``"cpu"`` (the fastest CPU engine × precision that passed the gate: the build's record
+        when this host matches it, else measured here once and cached), ``"openvino"``,
+        ``"onnxruntime"`` or ``"tensorrt"``. Naming a backend that cannot start raises
+        :class:`BackendError` with the reason. ``precision`` defaults to the fastest one that
+        passed the gate on the chosen engine.
         """
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        if backend not in ("auto", "cpu", "tensorrt"):
-            raise ValueError(f"'backend' must be 'auto', 'cpu' or 'tensorrt', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend == "tensorrt" or (backend == "auto" and gpu_available()):
             try:
                 from edgeseg.cuda.pipeline import GpuSegmenter
@@ -100,12 +104,25 @@ class Segmenter:
             except (BackendError, ImportError) as exc:
                 if backend == "tensorrt":
                     raise BackendError(f"the TensorRT backend cannot start: {exc}") from None
-                log.warning("TensorRT unavailable (%s); using ONNX Runtime on the CPU", exc)
-        from edgeseg.backends.onnxruntime import OrtBackend
+                log.warning("TensorRT unavailable (%s); using the fastest CPU engine", exc)
+        from edgeseg.backends.choice import choose, open_cpu_backend
 
-        prec = precision or b.cpu_precision
-        ort_backend = OrtBackend(b.onnx(prec), threads=threads, precision=prec)
-        return cls(b.spec, ort_backend, bundle=b)
+        if backend == "onnxruntime":
+            # ONNX Runtime is the build's own gate engine: its recorded precision needs no measuring.
+            engine, prec = "onnxruntime", precision or b.cpu_precision
+        else:
+            named = backend if backend == "openvino" else None
+            engine, prec, source = choose(b, threads, engine=named, precision=precision)
+            log.info("CPU engine: %s %s (%s)", engine, prec, source)
+        try:
+            cpu_backend = open_cpu_backend(b, engine, prec, threads)
+        except BackendError as exc:
+            if backend not in ("auto", "cpu") or engine == "onnxruntime":
+                raise
+            # A chosen engine that cannot start here after all: ONNX Runtime is the universal fallback.
+            log.warning("%s; using ONNX Runtime", exc)
+            cpu_backend = open_cpu_backend(b, "onnxruntime", precision or b.cpu_precision, threads)
+        return cls(b.spec, cpu_backend, bundle=b)
 
     def close(self) -> None:
         self.backend.close()

@@ -66,6 +66,44 @@ def model_inputs_from_volume(
     return out
 
 
+ACCEPTANCE_MAX_INPUTS = 4
+ACCEPTANCE_MAX_BYTES = 24 << 20  # float16 inputs: a few whole 3D volumes at most
+
+
+def acceptance_inputs(
+    spec: ModelSpec, parity_inputs: Sequence[np.ndarray], calibration: Any
+) -> list[np.ndarray]:
+    """Model batches for the bundle's acceptance set: one per held-out calibration series (never
+    calibrated on), else the parity inputs; capped in count and size."""
+    pool: list[np.ndarray] = []
+    for h in getattr(calibration, "holdout", None) or []:
+        batches = model_inputs_from_volume(h.volume, spec, n=3)
+        pool.append(batches[len(batches) // 2])  # the middle of the series: most foreground
+    if not pool:
+        pool = list(parity_inputs)
+    out: list[np.ndarray] = []
+    size = 0
+    for x in pool[:ACCEPTANCE_MAX_INPUTS]:
+        size += x.size * 2
+        if out and size > ACCEPTANCE_MAX_BYTES:
+            break
+        out.append(np.ascontiguousarray(x, dtype=np.float32))
+    return out
+
+
+def record_cpu_engines(bundle_path: str | Path, threads: int | None = None) -> dict[str, Any]:
+    """Every CPU engine × gated precision of the written bundle, opened, checked and timed here."""
+    from edgeseg.backends.choice import best, measure
+    from edgeseg.bundle import Bundle
+    from edgeseg.engine_cache import host_cpu
+
+    b = Bundle.open(bundle_path)
+    rows = measure(b, threads)
+    pick = best(rows)
+    choice = {"engine": pick[0], "precision": pick[1]} if pick else None
+    return {"host": host_cpu(threads).to_dict(), "rows": rows, "choice": choice}
+
+
 def build_bundle(
     model: Any,
     spec: ModelSpec,
@@ -83,6 +121,7 @@ def build_bundle(
     gate: dict[str, Any] | None = None,
     force: bool = False,
     progress=None,
+    measure_engines: bool = True,
 ) -> BuildReport:
     """Export, check, optionally quantize and gate, and write the bundle.
 
@@ -97,6 +136,9 @@ def build_bundle(
         which variants to build beyond fp32 ("fp16", "int8", or "auto" for all that pass the gate).
     calibration:
         a calibration set (see :mod:`edgeseg.calib`) — required for int8 and for the gate.
+    measure_engines:
+        open, check and time every CPU engine × gated precision on this host and record the
+        table (``runtime.cpu_engines``) that ``--backend cpu|auto`` chooses from.
     """
     import time
 
@@ -163,18 +205,40 @@ def build_bundle(
         warnings.extend(extra.warnings)
         timings.update(extra.timings)
     t2 = time.perf_counter()
-    _write(
-        output,
-        spec=spec,
-        models=models,
-        name=name,
-        version=version,
-        description=description,
-        provenance=provenance,
-        accuracy=accuracy,
-        runtime=runtime,
-    )
+    extra: dict[str, bytes] = {}
+    accept = acceptance_inputs(spec, inputs, calibration)
+    if accept:
+        from edgeseg.backends.acceptance import MEMBER, build_acceptance
+        from edgeseg.backends.onnxruntime import OrtBackend
+
+        with OrtBackend(fp32) as ref:
+            extra[MEMBER] = build_acceptance(ref, accept, spec).to_bytes()
+        provenance["acceptance"] = {
+            "n_inputs": len(accept),
+            "source": "held-out calibration series" if calibration is not None else "parity inputs",
+        }
+
+    def write() -> None:
+        _write(
+            output,
+            spec=spec,
+            models=models,
+            name=name,
+            version=version,
+            description=description,
+            provenance=provenance,
+            accuracy=accuracy,
+            runtime=runtime,
+            extra_members=extra,
+        )
+
+    write()
     timings["write"] = time.perf_counter() - t2
+    if measure_engines:
+        t3 = time.perf_counter()
+        runtime["cpu_engines"] = record_cpu_engines(output)
+        write()  # the same members, with the engine table in the manifest
+        timings["cpu_engines"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     return BuildReport(
         bundle=str(output),

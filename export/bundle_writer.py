@@ -83,7 +83,11 @@ def rewrite_bundle(
     b = Bundle.open(source)
     all_models = {p: b.onnx(p) for p in b.precisions}
     all_models.update(models or {})
-    extras = {n: b.read(n) for n in b._members if n.startswith("engines/") or n.startswith("extra/")}
+    extras = {
+        n: b.read(n)
+        for n in b._members
+        if n.startswith(("engines/", "extra/")) or n == "acceptance.npz"  # kept with its models
+    }
     extras.update(extra_members or {})
     m = dict(b.manifest)
     m.update(manifest_updates or {})

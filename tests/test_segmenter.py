@@ -84,7 +84,8 @@ def test_brain_model_segments_a_real_mr_series(brain_bundle, dicom_data):
     vol = read_volume(dicom_data / "dcm_qa_decubitus" / "HFS_t1_fl2d_sag")
     with Segmenter.open(brain_bundle, backend="cpu") as seg:
         res = seg.segment(vol)
-        assert seg.describe()["backend"] == "onnxruntime"
+        # "cpu" is the fastest CPU engine measured at build on this host (OpenVINO where installed).
+        assert seg.describe()["backend"] in ("onnxruntime", "openvino")
     assert res.labels.shape == vol.shape and res.labels.dtype == np.uint8
     brain = res.labels == 1
     frac = brain.mean()

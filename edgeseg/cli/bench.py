@@ -88,7 +88,12 @@ def bench(
 @click.command("bench")
 @click.argument("bundle", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--backend", type=click.Choice(["auto", "cpu", "tensorrt"]), default="auto", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "cpu", "openvino", "onnxruntime", "tensorrt"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--precision", default=None)
 @click.option("--threads", type=int, default=None)
 @click.option("-n", "--iterations", default=10, show_default=True)

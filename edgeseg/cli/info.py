@@ -59,6 +59,7 @@ def info(bundle: str, as_json: bool, ranges: bool) -> None:
         click.echo(
             "CPU timing at build (ms per batch): " + ", ".join(f"{p} {ms:g}" for p, ms in cpu_ms.items())
         )
+    _engine_table(b, d)
     tuning = d.get("provenance", {}).get("quantization", {}).get("int8_cpu_tuning")
     if tuning:
         click.echo(
@@ -79,3 +80,37 @@ def info(bundle: str, as_json: bool, ranges: bool) -> None:
             click.echo(f"  {name}: {r}")
     if d["engines"]:
         click.echo("engines: " + ", ".join(d["engines"]))
+
+
+def _engine_table(b, d: dict) -> None:
+    """The build's CPU engines × precisions: ms per batch, acceptance check, what ``cpu`` picks."""
+    rec = d.get("cpu_engines") or {}
+    rows = rec.get("rows") or []
+    if d.get("acceptance_inputs"):
+        from edgeseg.backends.choice import min_dice
+
+        click.echo(
+            f"acceptance set: {d['acceptance_inputs']} input(s); every engine compiled on a device must "
+            f"reach worst-label Dice vs fp32 >= {min_dice(b)} on it before first use"
+        )
+    if not rows:
+        return
+    host = rec.get("host", {})
+    choice = rec.get("choice") or {}
+    out = []
+    for r in rows:
+        acc = r.get("acceptance") or {}
+        check = (
+            f"{acc['min_dice_vs_fp32']:.4f}"
+            if acc
+            else ("build gate" if r["engine"] == "onnxruntime" else "")
+        )
+        pick = (r["engine"], r["precision"]) == (choice.get("engine"), choice.get("precision"))
+        ms = f"{r['ms']:g}" if "ms" in r else ""
+        status = "ok" if r.get("status") == "ok" else str(r.get("status", ""))[:90]
+        out.append([r["engine"], r["precision"], ms, check, status, "yes" if pick else ""])
+    click.echo(
+        f"CPU engines at build on {host.get('model', '?')} ({', '.join(host.get('isa', []))}; "
+        f"{host.get('threads', '?')} threads), ms per batch:"
+    )
+    click.echo(table(out, ["engine", "precision", "ms", "check", "status", "cpu choice"]))

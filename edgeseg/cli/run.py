@@ -20,7 +20,12 @@ STAGES = ("read", "preprocess", "h2d", "infer", "postprocess", "d2h", "write")
     "-o", "--output", "out_dir", default="edgeseg-out", show_default=True, type=click.Path(file_okay=False)
 )
 @click.option("--format", "formats", default="seg", show_default=True, help="Comma list of seg, nifti, png.")
-@click.option("--backend", type=click.Choice(["auto", "cpu", "tensorrt"]), default="auto", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "cpu", "openvino", "onnxruntime", "tensorrt"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--precision", default=None, help="Override the bundle's recorded precision choice.")
 @click.option("--threads", type=int, default=None, help="CPU inference threads (default: all cores).")
 @click.option("--confidence", is_flag=True, help="Also compute per-voxel confidence.")

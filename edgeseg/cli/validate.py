@@ -83,9 +83,13 @@ def validate_bundle(
     *,
     precisions: list[str] | None = None,
     with_hd95: bool = True,
+    backend: str = "onnxruntime",
 ) -> dict[str, Any]:
-    """Segment every pair with every precision; per-label mean Dice/HD95 vs truth and Dice vs fp32."""
-    from edgeseg.backends.onnxruntime import OrtBackend
+    """Segment every pair with every precision on ``backend`` (a CPU engine); per-label mean
+    Dice/HD95 vs truth and Dice vs fp32 (the reference always runs on ONNX Runtime). A
+    precision the engine refuses (compile failure, failed acceptance check) is a row saying so."""
+    from edgeseg._exceptions import BackendError
+    from edgeseg.backends.choice import open_cpu_backend
     from edgeseg.bundle import Bundle
     from edgeseg.segmenter import Segmenter
 
@@ -106,9 +110,21 @@ def validate_bundle(
         )
     names = {lab.value: lab.name for lab in spec.labels}
     reference: list[np.ndarray] = []
-    result: dict[str, Any] = {"bundle": str(b.path), "n_cases": len(cases), "precisions": {}}
-    for prec in ["fp32", *[p for p in precs if p != "fp32"]] if "fp32" in b.precisions else precs:
-        seg = Segmenter(spec, OrtBackend(b.onnx(prec), precision=prec))
+    result: dict[str, Any] = {
+        "bundle": str(b.path),
+        "backend": backend,
+        "n_cases": len(cases),
+        "precisions": {},
+    }
+    runs = [("onnxruntime", "fp32")] if "fp32" in b.precisions else []
+    runs += [(backend, p) for p in precs if (backend, p) not in runs]
+    for engine, prec in runs:
+        reference_run = (engine, prec) == ("onnxruntime", "fp32")
+        try:
+            seg = Segmenter(spec, open_cpu_backend(b, engine, prec))
+        except BackendError as exc:
+            result["precisions"][prec] = {"not_available": str(exc)}
+            continue
         per_label: dict[int, dict[str, list[float]]] = {
             k: {"dice": [], "hd95": [], "vs_fp32": []} for k in names
         }
@@ -117,7 +133,7 @@ def validate_bundle(
             res = seg.segment(vol)
             ms.append(sum(res.timings.values()))
             pred = res.labels
-            if prec == "fp32":
+            if reference_run:
                 reference.append(pred.copy())
             for k in names:
                 p, t = pred == k, truth == k
@@ -132,7 +148,7 @@ def validate_bundle(
                     den = int(p.sum() + r.sum())
                     per_label[k]["vs_fp32"].append(2 * int((p & r).sum()) / den if den else 1.0)
         seg.close()
-        if prec not in precs:
+        if prec not in precs or (reference_run and engine != backend):
             continue  # fp32 ran only as the reference
         result["precisions"][prec] = {
             "ms_per_case": round(float(np.mean(ms)), 2),
@@ -171,16 +187,30 @@ def _finite_mean(values: list[float]) -> float | None:
     "--precision", default="", help="Comma list of precisions to check (default: all in the bundle)."
 )
 @click.option("--hd95/--no-hd95", default=True, show_default=True, help="Also compute HD95 (mm).")
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "openvino"]),
+    default="onnxruntime",
+    show_default=True,
+    help="The CPU engine to validate (the fp32 reference always runs on ONNX Runtime).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def command(bundle: str, images: str, labels: str, precision: str, hd95: bool, as_json: bool) -> None:
+def command(
+    bundle: str, images: str, labels: str, precision: str, hd95: bool, backend: str, as_json: bool
+) -> None:
     """Per-label Dice (and HD95) of every precision in BUNDLE against ground truth."""
     precs = parse_list(precision, ("fp32", "fp16", "int8", "int8_cpu"), "--precision") or None
-    report = validate_bundle(bundle, Path(images), Path(labels), precisions=precs, with_hd95=hd95)
+    report = validate_bundle(
+        bundle, Path(images), Path(labels), precisions=precs, with_hd95=hd95, backend=backend
+    )
     if as_json:
         echo_json(report)
         return
     rows = []
     for prec, rep in report["precisions"].items():
+        if "not_available" in rep:
+            rows.append([prec, "not available", rep["not_available"], "", "", ""])
+            continue
         for name, m in rep["labels"].items():
             rows.append(
                 [
@@ -192,5 +222,5 @@ def command(bundle: str, images: str, labels: str, precision: str, hd95: bool, a
                     f"{rep['ms_per_case']:.1f}",
                 ]
             )
-    click.echo(f"{report['bundle']}: {report['n_cases']} case(s)")
+    click.echo(f"{report['bundle']}: {report['n_cases']} case(s) on {report['backend']}")
     click.echo(table(rows, ["precision", "label", "Dice", "HD95 mm", "Dice vs fp32", "ms/case"]))
