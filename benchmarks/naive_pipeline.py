@@ -205,6 +205,25 @@ def ort_predictor(onnx_path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+def openvino_predictor(
+    onnx_path: str | Path, threads: int | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A plain OpenVINO script: ``read_model``, ``compile_model(model, "CPU")`` with the latency
+    hint (what OpenVINO's own samples do for one stream), ``compiled(x)``."""
+    import openvino as ov
+
+    core = ov.Core()
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return compiled(x)[0]
+
+    return run
+
+
 def infer(predict: Callable[[np.ndarray], np.ndarray], x: NaiveInput, spec: ModelSpec) -> np.ndarray:
     """2D: slices in batches; 3D whole volume: one call; 3D patches: MONAI sliding_window_inference."""
     if spec.dims == 2:
