@@ -283,6 +283,7 @@ def _build(
         spec,
         calibration.holdout,
         min_dice=min_dice,
+        decide_on=str(gate.get("decide_on", "pooled")),
         reference=reference,
     )
     out.timings["gate"] = time.perf_counter() - t
@@ -325,6 +326,7 @@ def _build(
                 user_kept=user_kept,
                 ranges_cache=ranges_cache,
                 min_dice=min_dice,
+                decide_on=str(gate.get("decide_on", "pooled")),
                 cpu_tuning=prov["quantization"].get("int8_cpu_tuning"),
                 step=int(gate.get("auto_keep_step", AUTO_KEEP_STEP)),
                 max_rounds=int(gate.get("auto_keep_rounds", AUTO_KEEP_ROUNDS)),
@@ -448,6 +450,7 @@ def auto_keep_fp32(
     ranges_cache: Path,
     min_dice: float,
     cpu_tuning: dict[str, Any] | None = None,
+    decide_on: str = "pooled",
     step: int = AUTO_KEEP_STEP,
     max_rounds: int = AUTO_KEEP_ROUNDS,
     budget_s: float = AUTO_KEEP_BUDGET_S,
@@ -508,7 +511,14 @@ def auto_keep_fp32(
         )
         models = {p: keep_layers_fp32(q.models[p], kept) for p in pending}
         qdq = check_qdq(models["int8"]) if "int8" in models else None
-        rep = run_gate(models, spec, calibration.holdout, min_dice=min_dice, reference=reference)
+        rep = run_gate(
+            models,
+            spec,
+            calibration.holdout,
+            min_dice=min_dice,
+            reference=reference,
+            decide_on=decide_on,
+        )
         rounds.append(_round_row(rnd, kept, rep, pending, time.perf_counter() - t))
         _say(
             progress,

@@ -215,3 +215,12 @@ def test_deepbet_on_openvino_agrees_with_onnxruntime_on_a_real_mr_series(brain_b
         assert b.describe()["backend"] == "openvino"
         la, lb = a.segment(vol).labels, b.segment(vol).labels
     assert la.any() and float((la == lb).mean()) >= 0.999
+
+
+def test_gate_lower_confidence_bound_is_below_a_noisy_mean_and_can_decide():
+    from edgeseg.calib.gate import lower_bound_95
+
+    assert lower_bound_95([0.99]) is None
+    tight = lower_bound_95([0.995, 0.996, 0.994, 0.995])
+    noisy = lower_bound_95([0.999, 0.985, 0.998, 0.984])
+    assert 0.99 < tight < 0.995 and noisy < 0.99 < float(np.mean([0.999, 0.985, 0.998, 0.984]))

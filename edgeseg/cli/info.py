@@ -47,6 +47,12 @@ def info(bundle: str, as_json: bool, ranges: bool) -> None:
                     f"  {prec}: mean Dice vs fp32 {rep.get('mean_dice_vs_fp32', 'n/a')}, "
                     f"min {rep.get('min_dice_vs_fp32', 'n/a')}, passed={rep.get('passed')}"
                 )
+                if rep.get("dice_lower_bound_95") is not None:
+                    click.echo(
+                        f"    decided on the {rep.get('decided_on', 'pooled')} Dice over {rep.get('n_series')} "
+                        f"held-out series; 95% lower confidence bound on per-series Dice "
+                        f"{rep['dice_lower_bound_95']} (gate {rep.get('min_dice')})"
+                    )
                 auto = rep.get("auto_kept_fp32")
                 if auto:
                     click.echo(f"    kept fp32 automatically ({len(auto)}): {', '.join(auto)}")
