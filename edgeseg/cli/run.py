@@ -34,6 +34,20 @@ STAGES = ("read", "preprocess", "h2d", "infer", "postprocess", "d2h", "write")
 @click.option("--ae-title", default="EDGESEG", show_default=True)
 @click.option("--allow", default=None, help="Comma list of calling AE titles allowed (default: any).")
 @click.option("--forward", default=None, metavar="AE@HOST:PORT", help="C-STORE results to PACS.")
+@click.option(
+    "--tls-cert",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="This box's certificate (PEM): DICOM TLS on the listener and the forwarder.",
+)
+@click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="Its private key (PEM).")
+@click.option(
+    "--tls-ca",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="CA certificate(s) (PEM): the listener requires client certificates signed by them "
+    "(mutual TLS); the forwarder verifies PACS against them (default: the system's store).",
+)
 @click.option("--watch", default=None, type=click.Path(file_okay=False), help="Watch a folder for new DICOM.")
 @click.option(
     "--series-timeout", default=5.0, show_default=True, help="Quiet seconds that complete a series."
@@ -63,6 +77,9 @@ def run(
     ae_title,
     allow,
     forward,
+    tls_cert,
+    tls_key,
+    tls_ca,
     watch,
     series_timeout,
     spool,
@@ -79,7 +96,15 @@ def run(
         from edgeseg.stream.cli_support import serve_frames
 
         sys.exit(serve_frames(bundle, frames, out_dir=out_dir, backend=backend))
+    if (tls_cert or tls_key or tls_ca) and not (listen or watch):
+        raise click.UsageError("'--tls-cert/--tls-key/--tls-ca' apply to --listen and --forward only")
     if listen or watch:
+        from edgeseg.stream.tls import TLSConfig
+
+        try:
+            tls = TLSConfig.from_options(tls_cert, tls_key, tls_ca)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         try:
             from edgeseg.stream.cli_support import serve  # type: ignore[import-not-found]
         except ImportError as exc:
@@ -98,6 +123,7 @@ def run(
                 spool=spool,
                 formats=fmt,
                 backend=backend,
+                tls=tls,
             )
         )
     if not inputs:

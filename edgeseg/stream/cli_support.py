@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgeseg.stream._log import event, log
 from edgeseg.stream.service import ServiceConfig, StreamService
+from edgeseg.stream.tls import TLSConfig
 from edgeseg.stream.worker import Processor
 
 
@@ -78,6 +79,7 @@ def serve(
     processor: Processor | None = None,
     status_interval: float = 10.0,
     stop_event: threading.Event | None = None,
+    tls: TLSConfig | None = None,
 ) -> int:
     """Run the stream service until SIGTERM/SIGINT (or, with ``once``, until the spool is done).
 
@@ -115,6 +117,8 @@ def serve(
         Seconds between status lines.
     stop_event:
         Set it to stop (embedding, tests); SIGTERM/SIGINT set it when run in the main thread.
+    tls:
+        DICOM TLS for the listener and the forwarder (:meth:`TLSConfig.from_options`).
 
     Returns
     -------
@@ -132,6 +136,7 @@ def serve(
         watch=Path(watch) if watch else None,
         series_timeout_s=float(series_timeout),
         status_interval_s=status_interval,
+        tls=tls,
     )
     segmenter = None
     if processor is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from edgeseg.stream._log import event
 from edgeseg.stream._polling import PollingThread
 from edgeseg.stream.journal import Journal
+from edgeseg.stream.tls import TLSConfig, probe, quiet_pynetdicom_tracebacks
 
 _DEST = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 
@@ -41,9 +42,18 @@ class ForwardError(Exception):
 
 
 def c_store_file(
-    path: str | Path, dest: Destination, *, ae_title: str = "EDGESEG", timeout_s: float = 30
+    path: str | Path,
+    dest: Destination,
+    *,
+    ae_title: str = "EDGESEG",
+    timeout_s: float = 30,
+    tls: TLSConfig | None = None,
+    tls_context=None,
 ) -> None:
     """Send one Part 10 file to ``dest`` in its own association.
+
+    With ``tls`` (or a ready ``tls_context`` from :meth:`TLSConfig.client_context`), the
+    association runs over TLS: PACS's certificate and host name are verified, ours presented.
 
     Raises
     ------
@@ -57,8 +67,14 @@ def c_store_file(
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if tls_context is None and tls is not None:
+        tls_context = tls.client_context()
+    tls_args = (tls_context, dest.host) if tls_context is not None else None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
+        why = probe(dest.host, dest.port, tls_context, timeout_s) if tls_context is not None else None
+        if why is not None:
+            raise ForwardError(f"TLS with {dest} failed: {why}")
         raise ForwardError(f"no association with {dest} (down, or it refused us)")
     try:
         status = assoc.send_c_store(ds)
@@ -85,6 +101,8 @@ class Forwarder(PollingThread):
         Back-off after the n-th failure is ``min(max_delay_s, base_delay_s * 2**(n-1))``.
     poll_s:
         How often the outbox is looked at.
+    tls:
+        Send over DICOM TLS (None: plain TCP).
     """
 
     def __init__(
@@ -95,8 +113,13 @@ class Forwarder(PollingThread):
         base_delay_s: float = 2.0,
         max_delay_s: float = 300.0,
         poll_s: float = 0.5,
+        tls: TLSConfig | None = None,
     ):
         self.journal = journal
+        # One context for every send: certificates are read once, at start-up.
+        self.tls_context = tls.client_context() if tls is not None else None
+        if tls is not None:
+            quiet_pynetdicom_tracebacks()
         self.ae_title = ae_title
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
@@ -114,7 +137,7 @@ class Forwarder(PollingThread):
                 break
             dest = Destination.parse(item.dest)
             try:
-                c_store_file(item.path, dest, ae_title=self.ae_title)
+                c_store_file(item.path, dest, ae_title=self.ae_title, tls_context=self.tls_context)
             except Exception as exc:  # noqa: BLE001 (every failure is retried, none is fatal)
                 delay = min(self.max_delay_s, self.base_delay_s * 2**item.attempts)
                 self.journal.outbox_retry(item.id, _one_line(exc), time.time() + delay)

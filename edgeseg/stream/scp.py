@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from edgeseg.stream._log import event
 from edgeseg.stream.ingest import ingest
 from edgeseg.stream.spool import Spool
+from edgeseg.stream.tls import TLSConfig, handshake_on_open, quiet_pynetdicom_tracebacks
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -159,6 +160,8 @@ class Listener:
         Calling AE titles allowed; empty allows any. Refused callers are logged.
     admit, on_stored:
         See :func:`make_store_handler`.
+    tls:
+        DICOM TLS on the port (None: plain TCP); with a CA, client certificates are required.
     """
 
     def __init__(
@@ -171,6 +174,7 @@ class Listener:
         allow: Sequence[str] = (),
         admit: Callable[[], bool] = lambda: True,
         on_stored: Callable[[str], None] | None = None,
+        tls: TLSConfig | None = None,
     ):
         from pynetdicom import evt
 
@@ -180,10 +184,24 @@ class Listener:
             (evt.EVT_C_ECHO, lambda e: SUCCESS),
             (evt.EVT_REJECTED, _log_rejected),
         ]
-        self.server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        ssl_context = None
+        if tls is not None:
+            ssl_context = tls.server_context()
+            handlers.append((evt.EVT_CONN_OPEN, handshake_on_open))
+            quiet_pynetdicom_tracebacks()
+        self.server = self.ae.start_server(
+            (host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
         self.host = host
         self.port = int(self.server.server_address[1])
-        event("listening", host=host, port=self.port, ae=ae_title, allow=",".join(allow) or "any")
+        event(
+            "listening",
+            host=host,
+            port=self.port,
+            ae=ae_title,
+            allow=",".join(allow) or "any",
+            tls=tls.describe() if tls is not None else "off",
+        )
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let open associations finish for ``grace_s``, then abort them.

@@ -16,6 +16,7 @@ from edgeseg.stream.forward import Destination, Forwarder
 from edgeseg.stream.ingest import keys_of_file
 from edgeseg.stream.scp import Listener
 from edgeseg.stream.spool import Spool
+from edgeseg.stream.tls import TLSConfig
 from edgeseg.stream.watch import Watcher
 from edgeseg.stream.worker import Processor, Worker
 
@@ -64,6 +65,7 @@ class ServiceConfig:
     forward_max_delay_s: float = 300.0
     watch_stable_s: float = 1.0
     min_free_bytes: int = 64 << 20
+    tls: TLSConfig | None = None  # DICOM TLS for the listener and the forwarder (edgeseg.stream.tls)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +116,7 @@ class StreamService:
                 ae_title=config.ae_title,
                 base_delay_s=config.forward_base_delay_s,
                 max_delay_s=config.forward_max_delay_s,
+                tls=config.tls,
             )
             if config.forward
             else None
@@ -151,6 +154,7 @@ class StreamService:
                 allow=self.config.allow,
                 admit=self._admit,
                 on_stored=self._on_stored,
+                tls=self.config.tls,
             )
         self._status_thread = threading.Thread(target=self._status_loop, name="edgeseg-status", daemon=True)
         self._status_thread.start()
