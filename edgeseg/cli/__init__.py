@@ -40,17 +40,26 @@ def main(verbose: int) -> None:
 
 
 def _register() -> None:
-    from edgeseg.cli import build_engine, info, run
+    # Every command module is part of the runtime and imports only runtime dependencies at
+    # module level (build-time ones inside the command). A module that fails to import is a
+    # broken install: say so, naming it, instead of letting its command vanish from --help.
+    import importlib
 
-    main.add_command(build_engine.build_engine)
-    main.add_command(run.run)
-    main.add_command(info.info)
-    for optional in ("validate", "bench", "calib_cmd"):
+    for module, attr in (
+        ("build_engine", "build_engine"),
+        ("run", "run"),
+        ("info", "info"),
+        ("validate", "command"),
+        ("bench", "command"),
+    ):
         try:
-            mod = __import__(f"edgeseg.cli.{optional}", fromlist=["command"])
-        except ImportError:
-            continue
-        main.add_command(mod.command)
+            mod = importlib.import_module(f"edgeseg.cli.{module}")
+        except ImportError as exc:
+            raise ImportError(
+                f"edgeseg's '{module}' command cannot be loaded ({exc}); the installation is "
+                "incomplete: reinstall edgeseg (pip install --force-reinstall edgeseg)"
+            ) from exc
+        main.add_command(getattr(mod, attr))
 
 
 _register()

@@ -74,10 +74,34 @@ def dicom_cine(path: str | Path, *, realtime: bool = True) -> Iterator[np.ndarra
         yield np.asarray(frame)
 
 
-def video(source: str | int) -> Iterator[np.ndarray]:
-    """Grayscale frames of a video file or capture device (OpenCV), at the source's own pace."""
-    import cv2
+def _opencv():
+    from edgeseg._optional import require
 
+    return require("cv2", extra="video", feature="Reading video files and capture devices ('--frames')")
+
+
+def write_overlay(path: Path, bgr: np.ndarray) -> None:
+    """Write an :func:`overlay` image as PNG with Pillow (a runtime dependency), atomically."""
+    import io
+
+    from edgeseg._optional import require
+    from edgeseg.atomic import write_bytes_atomic
+
+    image = require("PIL.Image", extra="", feature="Writing frame overlays")
+    buf = io.BytesIO()
+    image.fromarray(np.ascontiguousarray(bgr[..., ::-1])).save(buf, format="PNG")
+    write_bytes_atomic(path, buf.getvalue(), fsync=False)
+
+
+def video(source: str | int) -> Iterator[np.ndarray]:
+    """Grayscale frames of a video file or capture device (OpenCV), at the source's own pace.
+
+    Raises
+    ------
+    BackendError
+        OpenCV is not installed (it is not a runtime dependency): the message says how to get it.
+    """
+    cv2 = _opencv()
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise ValueError(f"'--frames' source cannot be opened by OpenCV: {source!r}")
@@ -177,9 +201,7 @@ def run_frames(
         report.latencies_ms.append((time.perf_counter() - t_put) * 1e3)
         report.segmented += 1
         if out is not None and report.segmented % every_overlay == 0:
-            import cv2
-
-            cv2.imwrite(str(out / f"frame-{index:06d}.png"), overlay(frame, labels))
+            write_overlay(out / f"frame-{index:06d}.png", overlay(frame, labels))
     thread.join(5)
     report.dropped = slot.dropped
     return report
