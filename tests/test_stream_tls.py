@@ -107,6 +107,8 @@ def test_storescu_over_mutual_tls_is_stored_and_bad_clients_are_refused(tls_serv
     assert r.returncode == 0, r.stderr
     assert wait_for(lambda: svc.journal.counts().get("series_delivered") == 1, 20)
     assert svc.journal.series_rows()[0]["n_instances"] == len(files)
+    # Refused peers do not hold association slots (the listener allows 8 at a time).
+    assert wait_for(lambda: not svc.listener.ae.active_associations, 5)
 
 
 def test_forwarder_over_tls_to_storescp(tmp_path, pki, dicom_data):
@@ -166,3 +168,17 @@ def test_tls_options_give_one_sentence(pki, tmp_path):
     with pytest.raises(ValueError, match="no usable PEM CA"):
         TLSConfig.from_options(pki / "server.crt", pki / "server.key", pki / "server.ext")
     assert TLSConfig.from_options(None, None, None) is None
+
+
+def test_cli_tls_options_are_checked_before_anything_starts(pki, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeseg.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(
+        main, ["run", str(tmp_path / "b.edgeseg"), "--listen", "0", "--tls-ca", str(pki / "ca.crt")]
+    )
+    assert r.exit_code == 2 and "both '--tls-cert' and '--tls-key'" in r.output
+    r = runner.invoke(main, ["run", str(tmp_path / "b.edgeseg"), "x.dcm", "--tls-cert", str(pki / "ca.crt")])
+    assert r.exit_code == 2 and "apply only to the listener and --forward" in r.output

@@ -97,7 +97,9 @@ def run(
 
         sys.exit(serve_frames(bundle, frames, out_dir=out_dir, backend=backend))
     if (tls_cert or tls_key or tls_ca) and not (listen or watch):
-        raise click.UsageError("'--tls-cert/--tls-key/--tls-ca' apply to --listen and --forward only")
+        raise click.UsageError(
+            "'--tls-cert/--tls-key/--tls-ca' apply only to the listener and --forward (with --listen or --watch)"
+        )
     if listen or watch:
         from edgeseg.stream.tls import TLSConfig
 

@@ -159,6 +159,9 @@ def handshake_on_open(evt) -> None:
             sock.close()  # pynetdicom then sees a closed transport and ends quietly
         except OSError:
             pass
+        # The acceptor would wait its ACSE timeout for an A-ASSOCIATE-RQ that cannot come,
+        # holding one of the listener's association slots meanwhile.
+        evt.assoc.acse_timeout = 0.1
         return
     peer = sock.getpeercert() or {}
     event("tls_established", logging.DEBUG, address=address, version=sock.version(), client_cert=bool(peer))
