@@ -182,3 +182,57 @@ def test_cli_tls_options_are_checked_before_anything_starts(pki, tmp_path):
     assert r.exit_code == 2 and "both '--tls-cert' and '--tls-key'" in r.output
     r = runner.invoke(main, ["run", str(tmp_path / "b.edgeseg"), "x.dcm", "--tls-cert", str(pki / "ca.crt")])
     assert r.exit_code == 2 and "apply only to the listener and --forward" in r.output
+
+
+def test_scanner_to_pacs_all_over_tls(tmp_path, pki, dicom_data, brain_bundle):
+    """storescu +tls → listener (mutual TLS) → SEG → forwarder over TLS → storescp +tls."""
+    _need("storescu", "storescp")
+    from edgeseg.segmenter import Segmenter
+    from edgeseg.stream.cli_support import segmenter_processor
+
+    pacs_dir = tmp_path / "pacs"
+    pacs_dir.mkdir()
+    pacs_port = free_port()
+    pacs = subprocess.Popen(
+        ["storescp", "-aet", "PACS", "-od", str(pacs_dir), "+tls", str(pki / "server.key"),
+         str(pki / "server.crt"), "+cf", str(pki / "ca.crt"), str(pacs_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    seg = Segmenter.open(brain_bundle, backend="cpu")
+    # This box presents one certificate both ways (the test CA signed "server" for 127.0.0.1).
+    tls = TLSConfig.from_options(pki / "server.crt", pki / "server.key", pki / "ca.crt")
+    cfg = ServiceConfig(
+        out_dir=tmp_path / "out",
+        listen=("127.0.0.1", free_port()),
+        forward=[f"PACS@127.0.0.1:{pacs_port}"],
+        series_timeout_s=0.3,
+        forward_base_delay_s=0.2,
+        forward_max_delay_s=0.5,
+        tls=tls,
+    )
+    svc = StreamService(cfg, segmenter_processor(seg))
+    svc.start()
+    try:
+        files = _tcia(dicom_data)
+        good = ["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+        r = _storescu(svc.listener.port, files, *good)
+        assert r.returncode == 0, r.stderr
+        assert wait_for(lambda: svc.journal.counts().get("series_delivered") == 1, 30), (
+            svc.journal.outbox_rows()
+        )
+        (received,) = list(pacs_dir.iterdir())
+        import pydicom
+
+        ds = pydicom.dcmread(received)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+        src = pydicom.dcmread(files[0], stop_before_pixels=True)
+        assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == src.SeriesInstanceUID
+    finally:
+        svc.stop()
+        seg.close()
+        pacs.terminate()
+        try:
+            pacs.wait(10)
+        except subprocess.TimeoutExpired:
+            pacs.kill()
+            pacs.wait(5)
