@@ -150,13 +150,20 @@ def process_series(
         volume = read_volume(files, out=getattr(segmenter, "pixel_allocator", None))
         read_ms = (time.perf_counter() - t) * 1e3
         outcome = process_volume(segmenter, volume, Path(out_dir), formats=formats, source=source)
-    except Exception as exc:  # a listener must outlive any one series
+    except _STOP:
+        raise
+    except BaseException as exc:  # noqa: BLE001 (a listener must outlive any one series; native
+        # decoders raise BaseExceptions such as pyo3's PanicException)
         return SeriesOutcome(source, "failed", error=_error_line(source, exc))
     outcome.timings = {"read": read_ms, **outcome.timings}
     return outcome
 
 
-def _error_line(source: str, exc: Exception) -> str:
+# Interrupts mean "stop", not "bad series": they are never turned into a failed outcome.
+_STOP = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _error_line(source: str, exc: BaseException) -> str:
     """One line naming the file: DICOM errors carry their path, the rest get the series source."""
     if isinstance(exc, DicomInputError) and exc.path:
         return str(exc)
@@ -167,11 +174,13 @@ def _error_line(source: str, exc: Exception) -> str:
     return f"{source}: internal error ({type(exc).__name__}: {exc}); please report it"
 
 
-def _timed_load(job: _Job) -> tuple[object, float, Exception | None]:
+def _timed_load(job: _Job) -> tuple[object, float, BaseException | None]:
     t = time.perf_counter()
     try:
         return job.load(), (time.perf_counter() - t) * 1e3, None  # type: ignore[operator]
-    except Exception as exc:  # reported per series by the caller
+    except _STOP:
+        raise
+    except BaseException as exc:  # noqa: BLE001 (reported per series by the caller)
         return None, 0.0, exc
 
 
@@ -218,7 +227,9 @@ def run_inputs(
                             with_confidence=with_confidence,
                         )
                         outcome.timings = {"read": read_ms, **outcome.timings}
-                    except Exception as exc:  # one bad series never stops the rest
+                    except _STOP:
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 (one bad series never stops the rest)
                         err = exc
                 if err is not None:
                     outcome = SeriesOutcome(job.source, "failed", error=_error_line(job.source, err))

@@ -126,6 +126,8 @@ def run(
                 formats=fmt,
                 backend=backend,
                 tls=tls,
+                precision=precision,
+                threads=threads,
             )
         )
     if not inputs:

@@ -80,6 +80,10 @@ def serve(
     status_interval: float = 10.0,
     stop_event: threading.Event | None = None,
     tls: TLSConfig | None = None,
+    precision: str | None = None,
+    threads: int | None = None,
+    isolate: bool = True,
+    series_time_limit: float | None = None,
 ) -> int:
     """Run the stream service until SIGTERM/SIGINT (or, with ``once``, until the spool is done).
 
@@ -119,6 +123,15 @@ def serve(
         Set it to stop (embedding, tests); SIGTERM/SIGINT set it when run in the main thread.
     tls:
         DICOM TLS for the listener and the forwarder (:meth:`TLSConfig.from_options`).
+    precision, threads:
+        Passed to ``Segmenter.open``.
+    isolate:
+        Read, decode and segment each series in a child process (the default), so a decoder
+        that panics, crashes or hangs costs that series only; False runs them in this process.
+        A given ``processor`` runs as given (wrap it in ``IsolatedProcessor`` to isolate it).
+    series_time_limit:
+        Seconds one series may take in the child before it is stopped and set aside
+        (default: max(120, 2 per instance)).
 
     Returns
     -------
@@ -139,13 +152,26 @@ def serve(
         tls=tls,
     )
     segmenter = None
+    isolated = None
     if processor is None:
         if bundle is None:
             raise ValueError("serve() needs a 'bundle' or a 'processor'")
-        from edgeseg.segmenter import Segmenter
+        if isolate:
+            from edgeseg.stream.isolation import IsolatedProcessor
 
-        segmenter = Segmenter.open(bundle, backend=backend)
-        processor = segmenter_processor(segmenter, formats)
+            kwargs = {"bundle": str(bundle), "backend": backend, "precision": precision, "threads": threads}
+            isolated = IsolatedProcessor(
+                "edgeseg.stream.isolation:segmenter_factory",
+                {**kwargs, "formats": list(formats)},
+                time_limit_s=series_time_limit,
+            )
+            isolated.start()  # a bundle that cannot open fails here, before the port opens
+            processor = isolated
+        else:
+            from edgeseg.segmenter import Segmenter
+
+            segmenter = Segmenter.open(bundle, backend=backend, precision=precision, threads=threads)
+            processor = segmenter_processor(segmenter, formats)
     service = StreamService(config, processor)
     try:
         if once:
@@ -158,6 +184,8 @@ def serve(
     finally:
         if segmenter is not None:
             segmenter.close()
+        if isolated is not None:
+            isolated.close()
 
 
 def _serve_forever(service: StreamService, stop: threading.Event) -> int:

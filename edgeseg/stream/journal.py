@@ -76,6 +76,9 @@ class Claim:
     generation: int
     instance_keys: list[str]
     last_received: float
+    # Runs of this generation started so far, this one included. Counted durably at claim
+    # time: a run that took the whole process down (OOM kill, power cut) still counts.
+    attempts: int = 1
 
 
 @dataclass(frozen=True)
@@ -218,10 +221,11 @@ class Journal:
         return [r[0] for r in rows]
 
     def claim(self, series_key: str) -> Claim | None:
-        """Move a complete series to processing; None when it is no longer complete."""
+        """Move a complete series to processing and count the attempt (committed before any work
+        starts); None when it is no longer complete."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT generation, last_received FROM series WHERE key=? AND state='complete'",
+                "SELECT generation, last_received, attempts FROM series WHERE key=? AND state='complete'",
                 (series_key,),
             ).fetchone()
             if row is None:
@@ -237,7 +241,7 @@ class Journal:
                     (series_key,),
                 )
             ]
-        return Claim(series_key, row[0], keys, row[1])
+        return Claim(series_key, row[0], keys, row[1], row[2] + 1)
 
     def finish_ok(
         self,

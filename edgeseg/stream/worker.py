@@ -83,7 +83,12 @@ class Worker(PollingThread):
     stop_timeout_s = 120.0
 
     def poll(self) -> int:
-        return self.step()
+        try:
+            return self.step()
+        except Exception as exc:  # noqa: BLE001 (e.g. the journal's disk: the thread must live on)
+            event("worker_error", logging.ERROR, error=_one_line(exc))
+            self._stop.wait(1.0)
+            return 0
 
     # -- one step --------------------------------------------------------------------------------
     def step(self, *, all_receiving: bool = False) -> int:
@@ -96,9 +101,13 @@ class Worker(PollingThread):
             if self._stop.is_set():
                 break
             claim = self.journal.claim(key)
-            if claim is not None:
+            if claim is None:
+                continue
+            if claim.attempts > self.max_attempts:
+                self._given_up(claim)
+            else:
                 self._run(claim)
-                ran += 1
+            ran += 1
         return ran
 
     def _run(self, claim: Claim) -> None:
@@ -108,8 +117,15 @@ class Worker(PollingThread):
         t0 = time.perf_counter()
         try:
             outcome = self.processor(files, self.out_dir)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
         except Exception as exc:  # noqa: BLE001 (a processor bug must not stop the service)
-            self._transient(claim, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            self._transient(claim, _one_line(exc))
+            return
+        except BaseException as exc:  # noqa: BLE001 (a native panic: it will panic again)
+            self.failed += 1
+            reason = f"processing failed in native code ({_one_line(exc)})"
+            self.spool.quarantine(key, reason, generation=claim.generation)
             return
         finally:
             self.busy = False
@@ -137,6 +153,17 @@ class Worker(PollingThread):
             # A late instance arrived while we ran: the new generation runs after its quiet period.
             event("series_superseded", series=key[:12])
 
+    def _given_up(self, claim: Claim) -> None:
+        # Earlier runs were claimed but never recorded: the process died with this series in
+        # hand (killed for memory, a crash). Running it again would crash-loop the service.
+        self.failed += 1
+        self.spool.quarantine(
+            claim.series_key,
+            f"{claim.attempts - 1} runs of this series never finished (the service stopped or was"
+            " killed while it ran, e.g. for lack of memory), so it is not tried again",
+            generation=claim.generation,
+        )
+
     def _transient(self, claim: Claim, reason: str) -> None:
         attempts = self.journal.attempts(claim.series_key)
         if attempts >= self.max_attempts:
@@ -152,6 +179,11 @@ class Worker(PollingThread):
         event(
             "series_retry", logging.WARNING, series=claim.series_key[:12], attempt=attempts, retry_in_s=delay
         )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _scrub(reason: str, spool_root: Path) -> str:
