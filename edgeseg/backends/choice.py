@@ -107,9 +107,11 @@ def probe_batch(bundle) -> np.ndarray:
     spec = bundle.spec
     grid = spec.patch_size or spec.target_shape
     if grid is None:
-        raise BackendError(
-            f"{bundle.path}: no acceptance set and no recorded batch shape to time the engines on"
-        )
+        # Whole-image models take the image's own size; the engines' ranking hardly depends on
+        # it, so time them on a typical one (a 256² slice, a 96³ volume) rounded for the model.
+        k = spec.divisible_by
+        side = -(-(256 if spec.dims == 2 else 96) // k) * k
+        grid = (side,) * spec.dims
     n = spec.batch_size if (spec.dims == 2 or spec.patch_size) else 1
     dims = [int(g) for g in grid][-spec.dims :]
     return np.zeros((n, spec.in_channels, *dims), dtype=np.float32)

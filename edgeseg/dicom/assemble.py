@@ -213,9 +213,10 @@ def _allocate(out: PixelsOut, shape: tuple[int, ...], dtype: np.dtype) -> np.nda
         raise _FromOut(exc) from exc
     if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
         got = (getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__))
-        raise ValueError(f"'out' must give a {dtype} array of shape {shape} for this series, got {got}")
+        bad = ValueError(f"'out' must give a {dtype} array of shape {shape} for this series, got {got}")
+        raise _FromOut(bad)  # the caller's mistake, not the file's: keep it a ValueError
     if not array.flags.writeable:
-        raise ValueError("'out' gave a read-only array")
+        raise _FromOut(ValueError("'out' gave a read-only array"))
     return array
 
 
