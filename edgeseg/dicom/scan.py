@@ -186,6 +186,8 @@ def _read_header(path: Path, keep_dataset: bool) -> Dataset | None:
         return dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
         pass
+    except OSError as exc:  # permissions, a file removed while scanning, an I/O error: not damage
+        raise DicomInputError(path, f"it cannot be read ({exc.strerror or type(exc).__name__})") from None
     except Exception as exc:
         raise DicomInputError(
             path, f"the DICOM header cannot be parsed ({type(exc).__name__}); the file is damaged"
