@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 # name → module: imported when first touched (PEP 562), so `import edgeseg` stays light.
 _LAZY = {
     "Segmenter": "edgeseg.segmenter",
-    "SegmentationResult": "edgeseg.segmenter",
+    "SegmentationResult": "edgeseg.result",
     "Bundle": "edgeseg.bundle",
     "read_volume": "edgeseg.dicom",
     "write_seg": "edgeseg.outputs",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +25,12 @@ from edgeseg.preprocess import (
     to_labels,
     window_starts,
 )
+from edgeseg.result import SegmentationResult
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
 log = logging.getLogger("edgeseg")
 BACKENDS = ("auto", "cpu", "openvino", "onnxruntime", "tensorrt")
-
-
-@dataclass
-class SegmentationResult:
-    """``labels``: (z, y, x) uint8 on the source grid (0 = background, values from the spec).
-    ``confidence``: same shape, uint8 0–255 (probability of the chosen label), when asked for.
-    ``timings``: milliseconds per stage ("preprocess", "infer", "postprocess", …)."""
-
-    labels: np.ndarray
-    confidence: np.ndarray | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class _Timer:

@@ -94,8 +94,8 @@ def acceptance_inputs(
 def record_cpu_engines(bundle_path: str | Path, threads: int | None = None) -> dict[str, Any]:
     """Every CPU engine × gated precision of the written bundle, opened, checked and timed here."""
     from edgeseg.backends.choice import best, measure
+    from edgeseg.backends.host import host_cpu
     from edgeseg.bundle import Bundle
-    from edgeseg.engine_cache import host_cpu
 
     b = Bundle.open(bundle_path)
     rows = measure(b, threads)

@@ -90,8 +90,8 @@ def test_openvino_matches_onnxruntime_and_reuses_its_output_buffer():
 
 
 def test_compiled_models_are_cached_per_openvino_version_and_cpu(tmp_path):
-    from edgeseg.backends.openvino import OpenVinoBackend, openvino_version
-    from edgeseg.engine_cache import host_cpu, openvino_cache_dir
+    from edgeseg.backends.host import host_cpu
+    from edgeseg.backends.openvino import OpenVinoBackend, openvino_cache_dir, openvino_version
 
     where = openvino_cache_dir()
     assert where.parts[-2:] == (openvino_version(), host_cpu().slug)
@@ -143,8 +143,7 @@ def test_a_check_record_for_another_engine_is_not_trusted(tmp_path):
     """A cached "passed" that does not name this engine and acceptance set (an engine compiled
     from a tampered model, a record copied from elsewhere) is ignored: the check runs again."""
     from edgeseg.backends.choice import open_cpu_backend
-    from edgeseg.backends.openvino import OpenVinoBackend
-    from edgeseg.engine_cache import openvino_cache_dir
+    from edgeseg.backends.openvino import OpenVinoBackend, openvino_cache_dir
 
     b = _bundle(tmp_path, int8=_conv_onnx(seed=5))
     engine_id = OpenVinoBackend(b.onnx("int8"), threads=1, precision="int8").engine_id(
@@ -172,8 +171,8 @@ def test_a_check_record_for_another_engine_is_not_trusted(tmp_path):
 
 def test_recorded_choice_is_used_on_the_same_host_and_remeasured_elsewhere(tmp_path):
     from edgeseg.backends.choice import engine_table
+    from edgeseg.backends.host import host_cpu
     from edgeseg.bundle import Bundle
-    from edgeseg.engine_cache import host_cpu
     from edgeseg.export.bundle_writer import rewrite_bundle
 
     b = _bundle(tmp_path)

@@ -15,7 +15,7 @@ from edgeseg.spec import Label, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 SURFACES = Path(__file__).parent / "api_surfaces"
-TRT_MODULES = ["edgeseg/backends/tensorrt.py", "export/tensorrt_build.py", "edgeseg/engine_cache.py"]
+TRT_MODULES = ["edgeseg/backends/tensorrt.py", "export/tensorrt_build.py", "edgeseg/backends/engine_cache.py"]
 CUDA_MODULES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "edgeseg" / "cuda").glob("*.py"))
 # Receiver names in our code → the TensorRT class they hold.
 TRT_RECEIVERS = {
@@ -155,14 +155,14 @@ def _spec() -> ModelSpec:
 
 
 def _key(**kw):
-    from edgeseg.engine_cache import EngineKey
+    from edgeseg.backends.engine_cache import EngineKey
 
     base = dict(trt_version="10.3.0", sm="sm_87", gpu="orin", onnx_sha256="ab" * 32, precision="int8")
     return EngineKey(**{**base, **kw})
 
 
 def test_engine_is_built_once_then_cached(tmp_path):
-    from edgeseg.engine_cache import load_or_build
+    from edgeseg.backends.engine_cache import load_or_build
 
     calls, lines = [], []
 
@@ -183,7 +183,7 @@ def test_engine_is_built_once_then_cached(tmp_path):
 
 
 def test_mismatched_engine_is_refused_naming_both_sides(tmp_path):
-    from edgeseg.engine_cache import check_bundle_engine, check_metadata, load_or_build
+    from edgeseg.backends.engine_cache import check_bundle_engine, check_metadata, load_or_build
 
     load_or_build(
         b"o", "ab" * 32, _spec(), "int8", key=_key(), root=tmp_path, builder=lambda *a, **k: b"P", echo=print
@@ -258,7 +258,7 @@ def test_engine_cache_key_names_the_optimization_profile(tmp_path):
     second would be refused at set_input_shape (outside its profile) on the device."""
     from dataclasses import replace
 
-    from edgeseg.engine_cache import load_or_build, profile_id
+    from edgeseg.backends.engine_cache import load_or_build, profile_id
     from edgeseg.export.tensorrt_build import profile_shapes
 
     spec = _spec()

@@ -63,8 +63,7 @@ def open_cpu_backend(bundle, engine: str, precision: str, threads: int | None = 
     if engine != "openvino":
         raise ValueError(f"not a CPU engine: {engine!r} (one of {', '.join(CPU_ENGINES)})")
     from edgeseg.backends.acceptance import cached_check, refusal
-    from edgeseg.backends.openvino import OpenVinoBackend
-    from edgeseg.engine_cache import openvino_cache_dir
+    from edgeseg.backends.openvino import OpenVinoBackend, openvino_cache_dir
 
     acc = bundle.acceptance
     if acc is None and precision != "fp32":
@@ -183,7 +182,7 @@ def bundle_id(bundle) -> str:
 
 
 def _cache_path(bundle, host) -> Path:
-    from edgeseg.engine_cache import cache_root
+    from edgeseg.backends.host import cache_root
 
     return cache_root() / "choices" / f"{bundle_id(bundle)}-{host.slug}-t{host.threads}.json"
 
@@ -191,7 +190,7 @@ def _cache_path(bundle, host) -> Path:
 def engine_table(bundle, threads: int | None = None, *, measure_now: bool = True) -> tuple[list[dict], str]:
     """The engine × precision table for this host and where it came from: ``"bundle"`` (the
     build's, same host), ``"cache"`` (measured here before) or ``"measured"`` (now)."""
-    from edgeseg.engine_cache import host_cpu
+    from edgeseg.backends.host import host_cpu
 
     host = host_cpu(threads)
     recorded = (bundle.manifest.get("runtime") or {}).get("cpu_engines") or {}

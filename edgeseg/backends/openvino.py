@@ -3,7 +3,7 @@
 The input and output are OpenVINO tensors that share memory with numpy arrays: the caller's
 batch is wrapped (no copy) and the output is written into one preallocated buffer per input
 shape, so the steady state allocates nothing per call. Threads and the latency hint come from
-the caller; the compiled model is cached on disk (:func:`edgeseg.engine_cache.openvino_cache_dir`,
+the caller; the compiled model is cached on disk (:func:`openvino_cache_dir`,
 one folder per OpenVINO version and CPU; OpenVINO names each blob by a hash of the model and the
 compile options), so the compile cost is paid once per model on a device.
 """
@@ -18,6 +18,7 @@ import numpy as np
 from edgeseg._exceptions import BackendError
 from edgeseg._optional import require
 from edgeseg.backends.base import Backend, TensorInfo
+from edgeseg.backends.host import cache_root, host_cpu
 from edgeseg.backends.onnxruntime import default_threads
 
 DEVICE = "CPU"
@@ -61,8 +62,6 @@ class OpenVinoBackend(Backend):
         self.precision = precision
         core = ov.Core()
         if cache_dir is None:
-            from edgeseg.engine_cache import openvino_cache_dir
-
             cache_dir = openvino_cache_dir()
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir is not None:
@@ -129,8 +128,6 @@ class OpenVinoBackend(Backend):
         hashed instead). An acceptance result is valid for exactly this id."""
         import hashlib
 
-        from edgeseg.engine_cache import host_cpu
-
         parts = [
             onnx_sha256,
             openvino_version(),
@@ -163,3 +160,9 @@ def _info(port) -> TensorInfo:
     except RuntimeError:  # an unnamed port
         name = "input"
     return TensorInfo(name, dims, dtype)
+
+
+def openvino_cache_dir(root: Path | None = None) -> Path:
+    """``<cache>/openvino/<openvino-version>/<cpu-slug>/``: OpenVINO's compiled-model blobs (it
+    names each by a hash of the model and compile options) and edgeseg's acceptance records."""
+    return (root or cache_root()) / "openvino" / openvino_version() / host_cpu().slug

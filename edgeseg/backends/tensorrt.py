@@ -26,7 +26,7 @@ class TensorRTBackend(Backend):
     ----------
     engine:
         serialized engine (plan) bytes, built for this GPU and TensorRT version
-        (:mod:`edgeseg.engine_cache` checks that before calling this).
+        (:mod:`edgeseg.backends.engine_cache` checks that before calling this).
     precision:
         label for reports ("fp16", "int8"…).
     """

@@ -175,7 +175,7 @@ def build_engine(
         progress=None if as_json else (lambda msg: click.echo(f"... {msg}", err=True)),
     )
     if engine:
-        from edgeseg.engine_cache import build_engines_for_bundle  # type: ignore[import-not-found]
+        from edgeseg.backends.engine_cache import build_engines_for_bundle
 
         report.warnings.extend(build_engines_for_bundle(output, workspace_mb=workspace_mb))
     if as_json:

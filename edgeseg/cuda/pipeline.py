@@ -39,7 +39,7 @@ from edgeseg.cuda.plan import (
     source_tables,
 )
 from edgeseg.preprocess import gaussian_importance, window_starts
-from edgeseg.segmenter import SegmentationResult
+from edgeseg.result import SegmentationResult
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
@@ -549,8 +549,8 @@ class GpuSegmenter:
     @classmethod
     def open(cls, bundle: Any, *, precision: str | None = None) -> GpuSegmenter:
         """Open ``bundle`` on this GPU: the cached engine for it, or one built now (once)."""
+        from edgeseg.backends.engine_cache import TRT_PRECISIONS, load_or_build
         from edgeseg.backends.tensorrt import TensorRTBackend
-        from edgeseg.engine_cache import TRT_PRECISIONS, load_or_build
 
         choices = [precision] if precision else [p for p in TRT_PRECISIONS if p in bundle.artifacts]
         if not choices or choices[0] not in bundle.artifacts:
