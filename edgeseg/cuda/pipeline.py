@@ -548,18 +548,11 @@ class GpuSegmenter:
 
     @classmethod
     def open(cls, bundle: Any, *, precision: str | None = None) -> GpuSegmenter:
-        """Open ``bundle`` on this GPU: the cached engine for it, or one built now (once)."""
-        from edgeseg.backends.engine_cache import TRT_PRECISIONS, load_or_build
-        from edgeseg.backends.tensorrt import TensorRTBackend
+        """Open ``bundle`` on this GPU: the cached engine for it, or one built now (once), that
+        passed the bundle's acceptance check (int8 → fp16 → fp32 unless ``precision`` is given)."""
+        from edgeseg.backends.tensorrt_open import open_tensorrt_backend
 
-        choices = [precision] if precision else [p for p in TRT_PRECISIONS if p in bundle.artifacts]
-        if not choices or choices[0] not in bundle.artifacts:
-            raise BackendError(f"the bundle has no {precision or 'TensorRT-suitable'} model")
-        prec = choices[0]
-        plan, _, _ = load_or_build(
-            bundle.onnx(prec), bundle.sha256(bundle.artifacts[prec]), bundle.spec, prec
-        )
-        return cls(bundle.spec, TensorRTBackend(plan, precision=prec), bundle=bundle)
+        return cls(bundle.spec, open_tensorrt_backend(bundle, precision), bundle=bundle)
 
     def segment(
         self, volumes: Volume | Sequence[Volume], *, with_confidence: bool = False

@@ -1,0 +1,89 @@
+"""Open a bundle on TensorRT: the cached or freshly built engine, checked against the bundle's
+acceptance set before its first use.
+
+A TensorRT engine is built on the device with that GPU's own tactics, so its fp16/int8 numbers are
+only known once it exists. Each candidate precision (the one asked for, or int8 → fp16 → fp32) is
+built or loaded, its labels on the acceptance set compared with fp32's at the bundle's gate, and
+the first that passes is used; a failing one is recorded (the check is cached next to the engine,
+keyed by the plan's own hash) and never run. Asked for one precision explicitly, a failure is a
+:class:`~edgeseg.BackendError` with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgeseg._exceptions import BackendError
+from edgeseg.backends.base import Backend
+
+log = logging.getLogger("edgeseg")
+
+
+def open_tensorrt_backend(
+    bundle: Any,
+    precision: str | None = None,
+    *,
+    root: Path | None = None,
+    key_for: Callable[[str, str], Any] | None = None,
+    builder: Callable[..., bytes] | None = None,
+    make_backend: Callable[[bytes, str], Backend] | None = None,
+) -> Backend:
+    """The first TensorRT engine for ``bundle`` that passes its acceptance check.
+
+    ``key_for(onnx_sha256, precision)``, ``builder`` and ``make_backend(plan, precision)`` default
+    to this GPU's engine key, TensorRT's builder and :class:`TensorRTBackend`; they are
+    parameters so the selection can be exercised where no GPU is.
+    """
+    from edgeseg.backends.acceptance import cached_check, refusal
+    from edgeseg.backends.choice import min_dice
+    from edgeseg.backends.engine_cache import TRT_PRECISIONS, current_key, load_or_build
+
+    if make_backend is None:
+        from edgeseg.backends.tensorrt import TensorRTBackend
+
+        def make_backend(plan: bytes, prec: str) -> Backend:
+            return TensorRTBackend(plan, precision=prec)
+
+    key_for = key_for or (lambda sha, prec: current_key(sha, prec, spec=bundle.spec))
+    if precision is not None and precision not in bundle.artifacts:
+        raise BackendError(f"{bundle.path}: the bundle has no {precision} model")
+    candidates = [precision] if precision else [p for p in TRT_PRECISIONS if p in bundle.artifacts]
+    if not candidates:
+        raise BackendError(f"{bundle.path}: the bundle has no model TensorRT can build from")
+    acc, gate = bundle.acceptance, min_dice(bundle)
+    reasons: list[str] = []
+    for prec in candidates:
+        if acc is None and prec != "fp32":
+            reasons.append(f"TensorRT {prec} cannot be checked before use: the bundle has no acceptance set")
+            continue
+        sha = bundle.sha256(bundle.artifacts[prec])
+        plan, path, _ = load_or_build(
+            bundle.onnx(prec), sha, bundle.spec, prec, key=key_for(sha, prec), root=root, builder=builder
+        )
+        backend = make_backend(plan, prec)
+        if acc is None:
+            log.warning("%s has no acceptance set: TensorRT fp32 runs unchecked", bundle.path)
+            return backend
+        try:
+            result = cached_check(
+                backend,
+                acc,
+                bundle.spec,
+                gate,
+                record=path.with_suffix(".accept.json"),
+                engine_id=hashlib.sha256(plan).hexdigest(),
+            )
+        except BaseException:
+            backend.close()
+            raise
+        if result["passed"]:
+            backend.acceptance = result  # type: ignore[attr-defined]
+            return backend
+        backend.close()
+        reasons.append(refusal("TensorRT", prec, result))
+        log.warning("%s: %s", bundle.path, reasons[-1])
+    raise BackendError(f"{bundle.path}: " + "; ".join(reasons))
