@@ -3,6 +3,7 @@ an enhanced multi-frame CT, multi-label and empty label maps, and atomic writes.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -281,3 +282,257 @@ def test_reads_a_labelmap_seg_written_by_highdicom(ct3, liver, tmp_path):
     np.testing.assert_array_equal(
         read_seg_labels(tmp_path / "labelmap.dcm", volume, labels_spec=spec), expected
     )
+
+
+# -- real scanner faults (issue 10): every volume the reader accepts gets a valid SEG ------------
+
+T1POST = ("tcia_brain_tumor_progression", "PGBM-003_Study3", "11-T1post-18670")
+
+
+def _rewritten(files, folder, edit) -> list:
+    """Copies of real files, each changed by ``edit(ds, index)``: one real-world fault at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about the invalid values set on purpose
+            edit(ds, i)
+        out.append(folder / f"{i:04d}.dcm")
+        ds.save_as(out[-1], enforce_file_format=True)
+    return out
+
+
+def _box_labels(volume, value: int = 1) -> np.ndarray:
+    labels = np.zeros(volume.shape, np.uint8)
+    nz, ny, nx = volume.shape
+    labels[:, ny // 4 : ny // 2, nx // 4 : nx // 2] = value
+    return labels
+
+
+def _write_and_check(labels, volume, path, spec=(LIVER,)):
+    """Write the SEG, then: dciodvfy finds no error, it reads back as written, it references the
+    Volume's series and every source instance; the Volume's headers are left as they were."""
+    from dciodvfy import dciodvfy_errors
+
+    before = [copy.deepcopy(h) for h in volume.headers]
+    out = write_seg(labels, volume, list(spec), path, **ALGO)
+    assert volume.headers == before  # only copies of the headers were changed
+    assert dciodvfy_errors(out) == []
+    np.testing.assert_array_equal(read_seg_labels(out, volume, labels_spec=list(spec)), labels)
+    seg = pydicom.dcmread(out)
+    (series,) = seg.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == volume.series_instance_uid
+    assert {r.ReferencedSOPInstanceUID for r in series.ReferencedInstanceSequence} == set(
+        volume.sop_instance_uids
+    )
+    return seg
+
+
+def _frame_sources(seg) -> list[tuple[str, int | None]]:
+    """(referenced SOP Instance UID, referenced frame number) of each SEG frame."""
+    out = []
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        src = item.DerivationImageSequence[0].SourceImageSequence[0]
+        frame = src.get("ReferencedFrameNumber")
+        out.append((str(src.ReferencedSOPInstanceUID), None if frame is None else int(frame)))
+    return out
+
+
+def test_orientation_differing_in_the_7th_digit_between_slices(tmp_path):
+    """GE writes ImageOrientationPatient that differs in the 7th digit from slice to slice: the
+    reader stacks it (within its tolerance), and so must the writer (highdicom alone refuses:
+    "Source images must have a shared orientation")."""
+    files = sorted(shared_path("dicom", *T1POST).glob("*.dcm"))
+
+    def drift(ds, i):
+        iop = [float(v) for v in ds.ImageOrientationPatient]
+        iop[0] -= 1e-7 * (i % 2)
+        iop[4] += 3e-7 * (i % 3 == 1)
+        ds.ImageOrientationPatient = [f"{v:.14g}" for v in iop]
+
+    volume = _read_volume(_rewritten(files, tmp_path / "ge", drift))
+    assert len({tuple(h.ImageOrientationPatient) for h in volume.headers}) > 1
+    labels = _box_labels(volume)
+    labels[::3] = 0
+    seg = _write_and_check(labels, volume, tmp_path / "ge.dcm")
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    np.testing.assert_allclose(
+        [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+        [float(v) for v in volume.headers[0].ImageOrientationPatient],
+        atol=1e-6,
+    )
+    # Every frame still references its own slice and sits at that slice's position.
+    by_uid = {str(h.SOPInstanceUID): h for h in volume.headers}
+    for item, (uid, _) in zip(seg.PerFrameFunctionalGroupsSequence, _frame_sources(seg), strict=True):
+        np.testing.assert_allclose(
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in by_uid[uid].ImagePositionPatient],
+            atol=1e-4,
+        )
+
+
+def test_dates_times_and_sex_the_seg_cannot_copy_become_empty(tmp_path):
+    """A zero year ("year 0 is out of range"), a time that does not parse, a Patient's Sex outside
+    M/F/O: the SEG gets them empty (type 2), the source keeps them."""
+    files = sorted(shared_path("dicom", "dcmqi_ct3slice_seg").glob("0?.dcm"))
+
+    def spoil(ds, i):
+        ds.StudyDate = "00000000"
+        ds.PatientBirthDate = "00000101"
+        ds.StudyTime = "256199"
+        ds.PatientSex = "U"
+        ds.PatientAge = "forty"
+
+    volume = _read_volume(_rewritten(files, tmp_path / "dates", spoil))
+    seg = _write_and_check(_box_labels(volume), volume, tmp_path / "dates.dcm")
+    for keyword in ("StudyDate", "PatientBirthDate", "StudyTime", "PatientSex"):
+        assert keyword in seg and seg[keyword].value in (None, ""), keyword
+    assert seg.get("PatientAge") in (None, "")
+    assert volume.headers[0].StudyDate == "00000000"  # the source is as it was read
+    assert seg.StudyInstanceUID == volume.headers[0].StudyInstanceUID
+
+
+def test_specific_character_set_with_code_extensions(tmp_path):
+    """ISO 2022 code extensions (Japanese, as pydicom's chrH31.dcm has them): the SEG is UTF-8
+    and holds the same decoded names."""
+    from pydicom.data import get_charset_files
+
+    japanese = pydicom.dcmread(get_charset_files("chrH31.dcm")[0])
+    files = sorted(shared_path("dicom", "dcmqi_ct3slice_seg").glob("0?.dcm"))
+
+    def japan(ds, i):
+        ds.SpecificCharacterSet = list(japanese.SpecificCharacterSet)
+        ds.PatientName = japanese.PatientName
+        ds.ReferringPhysicianName = japanese.PatientName
+        ds.StudyDescription = "山田"
+
+    volume = _read_volume(_rewritten(files, tmp_path / "jp", japan))
+    assert list(volume.headers[0].SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
+    seg = _write_and_check(_box_labels(volume), volume, tmp_path / "jp.dcm")
+    assert seg.SpecificCharacterSet == "ISO_IR 192"
+    assert str(seg.PatientName) == str(japanese.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert str(seg.ReferringPhysicianName) == str(japanese.PatientName)
+    assert seg.StudyDescription == "山田"
+
+
+def test_empty_and_missing_type2_attributes(tmp_path):
+    """Anonymised data: type 2 patient/study attributes empty or removed, Slice Thickness empty
+    (a SEG's Pixel Measures need it: the Volume's slice spacing stands in)."""
+    files = sorted(shared_path("dicom", "dcmqi_ct3slice_seg").glob("0?.dcm"))
+
+    def anonymise(ds, i):
+        for keyword in ("PatientName", "PatientBirthDate", "StudyDate", "ReferringPhysicianName", "StudyID"):
+            setattr(ds, keyword, "")
+        for keyword in ("PatientID", "PatientSex", "AccessionNumber", "StudyTime"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.SliceThickness = ""
+
+    volume = _read_volume(_rewritten(files, tmp_path / "anon", anonymise))
+    seg = _write_and_check(_box_labels(volume), volume, tmp_path / "anon.dcm")
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(volume.spacing[0])
+    assert "SliceThickness" not in volume.headers[0] or volume.headers[0].SliceThickness in (None, "")
+
+
+def test_enhanced_multiframe_with_per_frame_pixel_measures_and_no_frame_of_reference(tmp_path):
+    """Philips enhanced MR: pixel measures and orientation per frame (highdicom alone leaks
+    "'Dataset' object has no attribute 'PixelMeasuresSequence'") and, in this anonymised copy,
+    no Frame of Reference: each SEG frame references its own source frame."""
+    folder = shared_path("dicom", "dicom2nifti_headers_random_pixels", "mr_philips_enhanced_multiframe")
+    volume = _read_volume(sorted(folder.iterdir()))
+    assert "PixelMeasuresSequence" not in volume.headers[0].SharedFunctionalGroupsSequence[0]
+    labels = _box_labels(volume)
+    labels[1] = 0
+    seg = _write_and_check(labels, volume, tmp_path / "philips.dcm")
+    uid = volume.sop_instance_uids[0]
+    expected = [(uid, f) for z, f in enumerate(volume.frame_numbers) if labels[z].any()]
+    assert sorted(_frame_sources(seg)) == sorted(expected)
+    assert seg.FrameOfReferenceUID.startswith("2.25.")  # derived: the source has none
+
+
+def test_multiframe_without_plane_positions_gets_its_own_frame_of_reference(tmp_path):
+    """pydicom's emri_small: a Frame of Reference but no plane positions, so the reader assumed a
+    geometry; the SEG states that geometry in a Frame of Reference of its own, never the source's."""
+    volume = _read_volume([shared_path("dicom", "pydicom", "mr", "emri_small.dcm")])
+    seg = _write_and_check(_box_labels(volume), volume, tmp_path / "emri.dcm")
+    assert seg.FrameOfReferenceUID != volume.headers[0].FrameOfReferenceUID
+    uid = volume.sop_instance_uids[0]
+    assert sorted(_frame_sources(seg)) == sorted((uid, int(f)) for f in volume.frame_numbers)
+
+
+def test_sources_without_frame_of_reference(tmp_path):
+    """With positions (an anonymised MR series): a Frame of Reference derived from the study and
+    series, the same on every run and for every part of the series. Without any (a radiograph):
+    a SEG without Frame of Reference, as the SEG IOD allows."""
+    from edgeseg.dicom import find_series, load_volume
+
+    hitachi = _read_volume(
+        sorted(shared_path("dicom", "dicom2nifti_headers_random_pixels", "mr_hitachi").iterdir())
+    )
+    assert "FrameOfReferenceUID" not in hitachi.headers[0]
+    one = _write_and_check(_box_labels(hitachi), hitachi, tmp_path / "h1.dcm")
+    two = write_seg(_box_labels(hitachi), hitachi, [LIVER], tmp_path / "h2.dcm", **ALGO)
+    assert one.FrameOfReferenceUID == pydicom.dcmread(two).FrameOfReferenceUID
+    assert hd.UID(one.FrameOfReferenceUID).is_valid
+
+    parts = find_series([shared_path("dicom", "dicom2nifti_headers_random_pixels", "mr_ge_dti_noext")]).series
+    assert len(parts) >= 2 and len({p.series_instance_uid for p in parts}) == 1
+    fors = set()
+    for i, part in enumerate(parts[:2]):
+        volume = load_volume(part)
+        fors.add(_write_and_check(_box_labels(volume), volume, tmp_path / f"dti{i}.dcm").FrameOfReferenceUID)
+    assert len(fors) == 1
+
+    xray = _read_volume([shared_path("dicom", "pydicom", "xray", "RG1_J2KI.dcm")])
+    seg = _write_and_check(_box_labels(xray), xray, tmp_path / "cr.dcm")
+    assert "FrameOfReferenceUID" not in seg and "PatientOrientation" in seg
+    assert _frame_sources(seg) == [(xray.sop_instance_uids[0], None)]
+
+
+def test_frame_of_reference_repeating_the_study_uid_is_replaced(tmp_path):
+    """A Frame of Reference UID equal to the Study Instance UID (one UID for two things, as in
+    pydicom's DICOMDIR test series) is treated as absent: dciodvfy reports it as an error."""
+    path = shared_path("dicom", "pydicom", "dicomdir_series", "98892003", "MR1", "15820")
+    volume = _read_volume([path])
+    assert volume.headers[0].FrameOfReferenceUID == volume.headers[0].StudyInstanceUID
+    seg = _write_and_check(_box_labels(volume), volume, tmp_path / "for.dcm")
+    assert seg.FrameOfReferenceUID != seg.StudyInstanceUID
+
+
+def test_siemens_mosaic_gets_one_frame_per_untiled_slice(tmp_path):
+    volume = _read_volume(
+        [next(shared_path("dicom", "dcm_qa_decubitus", "HFS_ep2d_diff_mosaic_1file").iterdir())]
+    )
+    assert volume.shape == (25, 128, 128) and len(set(volume.sop_instance_uids)) == 1
+    labels = _box_labels(volume)
+    labels[:3] = 0
+    seg = _write_and_check(labels, volume, tmp_path / "mosaic.dcm")
+    assert seg.FrameOfReferenceUID == volume.headers[0].FrameOfReferenceUID
+    assert int(seg.NumberOfFrames) == 22
+    empty = _write_and_check(np.zeros(volume.shape, np.uint8), volume, tmp_path / "empty.dcm")
+    assert int(empty.NumberOfFrames) == 1
+
+
+def test_sources_a_seg_cannot_reference_are_refused_in_one_sentence(tmp_path):
+    """No SEG without the study it belongs to, nor with source UIDs it cannot repeat; the
+    other formats are still written by write_outputs."""
+    from edgeseg.outputs import write_outputs
+
+    for parts, reason in (
+        (("ct", "bad_sequence.dcm"), "StudyInstanceUID is not a DICOM UID"),
+        (("seg_rt_lut_misc", "JPEGLSNearLossless_16.dcm"), r"no \(0020,000D\) Study Instance UID"),
+    ):
+        volume = _read_volume([shared_path("dicom", "pydicom", *parts)])
+        labels = _box_labels(volume)
+        with pytest.raises(OutputError, match=reason) as err:
+            write_seg(labels, volume, [LIVER], tmp_path / "x.dcm", **ALGO)
+        assert "\n" not in str(err.value) and str(err.value).count(". ") == 0
+        assert not (tmp_path / "x.dcm").exists()
+        with pytest.raises(OutputError, match="the nifti, nifti_image output") as err:
+            write_outputs(
+                labels, volume, tmp_path, formats=("seg", "nifti"), labels_spec=[LIVER], stem="s", **ALGO
+            )
+        assert set(err.value.written) == {"nifti", "nifti_image"}
+        assert (tmp_path / "s_labels.nii.gz").exists() and not (tmp_path / "s_seg.dcm").exists()

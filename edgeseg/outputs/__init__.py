@@ -72,7 +72,9 @@ def write_outputs(
     Raises
     ------
     OutputError
-        unknown format, unusable stem, or any writer's own error.
+        unknown format, unusable stem, or any writer's own error. The SEG is written last: when
+        it alone cannot be made, the other formats are on disk, the error says so and its
+        ``written`` attribute holds their paths.
     """
     wanted = list(dict.fromkeys(formats))
     unknown = [f for f in wanted if f not in FORMATS]
@@ -81,16 +83,6 @@ def write_outputs(
     stem = check_stem(stem)
     out = Path(out_dir)
     written: dict[str, Path] = {}
-    if "seg" in wanted:
-        written["seg"] = write_seg(
-            result_labels,
-            volume,
-            labels_spec,
-            out / f"{stem}_seg.dcm",
-            algorithm_name=algorithm_name,
-            algorithm_version=algorithm_version,
-            confidence=confidence,
-        )
     if "nifti" in wanted:
         written["nifti"] = write_nifti(result_labels, volume, out / f"{stem}_labels.nii.gz")
         written["nifti_image"] = write_volume_nifti(volume, out / f"{stem}_image.nii.gz")
@@ -100,6 +92,24 @@ def write_outputs(
             )
     if "png" in wanted:
         written["png"] = write_png_montage(volume, result_labels, out / f"{stem}_montage.png", labels_spec)
+    if "seg" in wanted:
+        # Last, so that a source no SEG can be made from still gets its other formats.
+        try:
+            written["seg"] = write_seg(
+                result_labels,
+                volume,
+                labels_spec,
+                out / f"{stem}_seg.dcm",
+                algorithm_name=algorithm_name,
+                algorithm_version=algorithm_version,
+                confidence=confidence,
+            )
+        except OutputError as exc:
+            if not written:
+                raise
+            err = OutputError(f"{exc}; the {', '.join(sorted(written))} output(s) were written")
+            err.written = dict(written)  # type: ignore[attr-defined]
+            raise err from None
     return written
 
 

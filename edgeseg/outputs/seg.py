@@ -12,10 +12,10 @@ needs at least one frame and repeating empty frames on every slice would only co
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from edgeseg.outputs._common import (
     check_labels_spec,
     segment_map,
 )
+from edgeseg.outputs.seg_sources import seg_sources
 from edgeseg.spec import Label
 from edgeseg.volume import Volume
 
@@ -38,15 +39,6 @@ DEFAULT_PROPERTY_TYPE: tuple[str, str, str] = ("85756007", "SCT", "Tissue")
 
 # DICOM VR limits on the strings we put in (LO is 64 characters).
 _LO_MAX = 64
-
-
-@dataclass
-class _Placement:
-    """How the planes of the pixel array handed to highdicom relate to the source images."""
-
-    source_images: list[Any]  # pydicom Datasets, as highdicom wants them
-    plane_positions: list[Any] | None  # None: highdicom copies them from source_images
-    planes: np.ndarray  # (n, y, x) uint8 segment numbers, one plane per position
 
 
 def write_seg(
@@ -116,16 +108,15 @@ def write_seg(
     empty = not segment_numbers.any()
     if empty:
         logger.info("the label map has no foreground: writing a SEG with empty segments")
-    placement = _placement(volume, segment_numbers, empty)
-
-    first = placement.source_images[0] = _with_type2_patient_study(placement.source_images[0])
+    sources = seg_sources(volume, segment_numbers, empty)
+    first = sources.images[0]
     try:
         with warnings.catch_warnings():
             # highdicom warns about odd person names *quoting the name*: keep patient data out of logs.
             warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
             seg = hd.seg.Segmentation(
-                source_images=placement.source_images,
-                pixel_array=placement.planes,
+                source_images=sources.images,
+                pixel_array=sources.planes,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=descriptions,
                 series_instance_uid=hd.UID(),
@@ -136,15 +127,21 @@ def write_seg(
                 manufacturer_model_name="edgeseg",
                 software_versions=_software_version(),
                 device_serial_number="0",
-                plane_positions=placement.plane_positions,
+                plane_positions=sources.plane_positions,
+                plane_orientation=sources.plane_orientation,
+                pixel_measures=sources.pixel_measures,
                 # All-empty input keeps its single plane of empty frames (see the module docstring).
                 omit_empty_frames=not empty,
                 series_description=series_description,
                 specific_character_set=_character_set(hd, first),
             )
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, NotImplementedError) as exc:
         # highdicom names the attribute at fault; person-name checks only warn (silenced above).
-        raise OutputError(f"cannot build a DICOM SEG from these source images: {exc}") from None
+        reason = str(exc).strip().rstrip(".") or type(exc).__name__
+        raise OutputError(f"highdicom cannot build a DICOM SEG from these source images ({reason})") from None
+    if not sources.has_frame_of_reference and "PatientOrientation" not in seg:
+        # Type 2C in General Image when there is no Image Orientation (Patient) to state.
+        seg.PatientOrientation = first.get("PatientOrientation") or None
 
     import pydicom
 
@@ -159,7 +156,36 @@ def write_seg(
 def _highdicom():
     from edgeseg._optional import require
 
-    return require("highdicom", extra="", feature="Writing DICOM SEG")
+    hd = require("highdicom", extra="", feature="Writing DICOM SEG")
+    _remember_iod_lookups()
+    return hd
+
+
+def _remember_iod_lookups() -> None:
+    """Make highdicom's "is this attribute in this IOD?" lookup remember its answers.
+
+    highdicom (0.28) asks it once or twice per source image (is the image multi-frame?) and
+    scans the IOD's module tables each time, ~0.3 ms: a fifth of the SEG write time of a
+    176-slice series. The answer depends only on the attribute and the SOP class, which the
+    cache keys on; the lookup with ``exclude_path_elements`` is left as it is.
+    """
+    try:
+        import highdicom._standard_utils as standard
+    except ImportError:
+        return
+    original = getattr(standard, "is_attribute_in_iod", None)
+    if original is None or getattr(original, "_edgeseg_cached", False):
+        return
+    cached = functools.lru_cache(maxsize=1024)(original)
+
+    @functools.wraps(original)
+    def is_attribute_in_iod(attribute, sop_class_uid, exclude_path_elements=None):
+        if exclude_path_elements is None:
+            return cached(str(attribute), str(sop_class_uid))
+        return original(attribute, sop_class_uid, exclude_path_elements)
+
+    is_attribute_in_iod._edgeseg_cached = True  # type: ignore[attr-defined]
+    standard.is_attribute_in_iod = is_attribute_in_iod
 
 
 def _segment_description(hd, number: int, lab: Label, name: str, version: str, mean_conf) -> Any:
@@ -208,142 +234,24 @@ def _mean_confidence(confidence, segment_numbers: np.ndarray, n: int, volume: Vo
     return sums / np.maximum(counts, 1) / scale
 
 
-def _placement(volume: Volume, segment_numbers: np.ndarray, empty: bool) -> _Placement:
-    """Decide which source images highdicom gets and how the planes map onto them."""
-    nz = volume.shape[0]
-    if not volume.headers:
-        raise OutputError(
-            "a DICOM SEG needs the source DICOM headers, and this Volume has none (was it read "
-            "from NIfTI or an array?); write NIfTI instead"
-        )
-    uids = [str(u) for u in volume.sop_instance_uids]
-    frames = list(volume.frame_numbers) or [None] * nz
-    if len(uids) != nz or len(frames) != nz:
-        raise OutputError(
-            f"the Volume names {len(uids)} source instances and {len(frames)} frame numbers "
-            f"for {nz} slices; they must match one to one"
-        )
-    by_uid = {str(h.SOPInstanceUID): h for h in volume.headers}
-    if any("FrameOfReferenceUID" not in h for h in volume.headers):
-        raise OutputError(
-            "the source images have no (0020,0052) Frame of Reference UID, which a DICOM SEG "
-            "must share with them; write NIfTI instead"
-        )
-    missing = sum(u not in by_uid for u in set(uids))
-    if missing:
-        raise OutputError(f"{missing} source instance(s) of the Volume's slices have no header in 'headers'")
-
-    if len(set(uids)) == nz and not any(_is_multiframe(by_uid[u]) for u in uids):
-        # Classic series: slice z ↔ source image z, positions copied from the sources.
-        sources = [by_uid[u] for u in uids]
-        if not empty:
-            return _Placement(sources, None, segment_numbers)
-        positions = [_position_single(sources[0])]
-        return _Placement(sources, positions, segment_numbers[:1])
-
-    if len(set(uids)) == 1 and all(f is not None for f in frames):
-        # One enhanced multi-frame instance: give highdicom the positions of the frames the
-        # Volume uses; it matches them to source frames (ReferencedFrameNumber).
-        source = by_uid[uids[0]]
-        positions = [_position_multiframe(source, int(f)) for f in frames]
-        if empty:
-            return _Placement([source], positions[:1], segment_numbers[:1])
-        return _Placement([source], positions, segment_numbers)
-
-    raise OutputError(
-        "the Volume's slices come from several multi-frame instances (or mix single- and "
-        "multi-frame ones); writing a SEG for such a series is not supported"
-    )
-
-
-def _is_multiframe(ds) -> bool:
-    return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1
-
-
-def _position_single(ds):
-    import highdicom as hd
-
-    if "ImagePositionPatient" not in ds:
-        raise OutputError(
-            "a source image has no (0020,0032) Image Position (Patient); a SEG cannot be placed"
-        )
-    return hd.PlanePositionSequence(
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        image_position=[float(v) for v in ds.ImagePositionPatient],
-    )
-
-
-def _position_multiframe(ds, frame_number: int):
-    import highdicom as hd
-
-    ipp = None
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame is not None and 0 < frame_number <= len(per_frame):
-        item = per_frame[frame_number - 1]
-        if "PlanePositionSequence" in item:
-            ipp = item.PlanePositionSequence[0].ImagePositionPatient
-    if ipp is None and "SharedFunctionalGroupsSequence" in ds:
-        shared = ds.SharedFunctionalGroupsSequence[0]
-        if "PlanePositionSequence" in shared:
-            ipp = shared.PlanePositionSequence[0].ImagePositionPatient
-    if ipp is None:
-        raise OutputError(
-            f"frame {frame_number} of the multi-frame source has no (0020,9113) Plane Position "
-            "Sequence; a SEG cannot be placed on it"
-        )
-    return hd.PlanePositionSequence(
-        coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        image_position=[float(v) for v in ipp],
-    )
-
-
-#: Type 2 attributes highdicom reads from the first source image; absent ones are added empty.
-_TYPE2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-
-def _with_type2_patient_study(ds) -> Any:
-    """``ds``, or a copy with the missing type 2 patient/study attributes present but empty.
-
-    Some sources leave them out (allowed for some IODs and common in anonymised data); the SEG
-    must carry them (empty is valid). The Volume's header is never modified.
-    """
-    missing = [k for k in _TYPE2_COPIED if k not in ds]
-    if not missing:
-        return ds
-    from pydicom import Dataset
-
-    copy = Dataset({tag: elem for tag, elem in ds.items()})
-    for keyword in missing:
-        setattr(copy, keyword, None)
-    return copy
-
-
 def _character_set(hd, source) -> Any:
-    """The source's (0008,0005) Specific Character Set when highdicom accepts it, else UTF-8.
+    """The SEG's (0008,0005) Specific Character Set: the source's single plain term when
+    highdicom knows it, None for the default repertoire, else ISO_IR 192 (UTF-8).
 
-    Empty means the default repertoire (None: not written); a value highdicom does not know
-    becomes ISO_IR 192, which can encode whatever pydicom decoded.
+    Code extensions (several values, ISO 2022 escapes) become UTF-8: the values the SEG copies
+    were decoded by pydicom with the source's character set and UTF-8 encodes any of them,
+    whereas repeating an ISO 2022 set in the SEG would need the escape sequences repeated too.
     """
     value = source.get("SpecificCharacterSet")
-    values = [v for v in ([value] if isinstance(value, str) else list(value or [])) if v]
-    if not values:
+    values = [str(v).strip() for v in ([value] if isinstance(value, str) else list(value or []))]
+    if not any(values):
         return None
-    try:
-        for v in values:
-            hd.SpecificCharacterSetValues(v)
-    except ValueError:
-        return "ISO_IR 192"
-    return values[0] if len(values) == 1 else values
+    if len(values) == 1 and not values[0].startswith("ISO 2022"):
+        try:
+            return hd.SpecificCharacterSetValues(values[0]).value
+        except ValueError:
+            pass
+    return "ISO_IR 192"
 
 
 def _series_number(source) -> int:
