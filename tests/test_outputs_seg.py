@@ -536,3 +536,39 @@ def test_sources_a_seg_cannot_reference_are_refused_in_one_sentence(tmp_path):
             )
         assert set(err.value.written) == {"nifti", "nifti_image"}
         assert (tmp_path / "s_labels.nii.gz").exists() and not (tmp_path / "s_seg.dcm").exists()
+
+
+def test_multiframe_part_references_only_the_frames_it_uses(tmp_path):
+    """A Volume made of some frames of a multi-frame instance whose other frames repeat its
+    positions (a 4D instance): each SEG frame references its own source frame and no other, also
+    for an empty label map."""
+    import dataclasses
+
+    path = shared_path("dicom", "pydicom", "ct", "eCT_Supplemental.dcm")
+    volume = _read_volume([path])
+    assert volume.frame_numbers == [2, 1]
+    # The same instance as a second volume would be: frame 2 at frame 1's position.
+    header = copy.deepcopy(volume.headers[0])
+    per_frame = header.PerFrameFunctionalGroupsSequence
+    per_frame[1].PlanePositionSequence[0].ImagePositionPatient = list(
+        per_frame[0].PlanePositionSequence[0].ImagePositionPatient
+    )
+    part = dataclasses.replace(
+        volume,
+        stored=volume.stored[1:],
+        slope=volume.slope[1:],
+        intercept=volume.intercept[1:],
+        sop_instance_uids=volume.sop_instance_uids[1:],
+        frame_numbers=[1],
+        headers=[header],
+        affine=volume.affine @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1.0]]),
+    )
+    for labels, name in ((_box_labels(part), "part.dcm"), (np.zeros(part.shape, np.uint8), "empty.dcm")):
+        seg = _write_and_check(labels, part, tmp_path / name)
+        (item,) = seg.PerFrameFunctionalGroupsSequence
+        (derivation,) = item.DerivationImageSequence
+        (source,) = derivation.SourceImageSequence
+        assert (source.ReferencedSOPInstanceUID, int(source.ReferencedFrameNumber)) == (
+            part.sop_instance_uids[0],
+            1,
+        )

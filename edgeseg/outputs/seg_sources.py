@@ -62,6 +62,20 @@ TYPE2_COPIED = (
 # UIDs a SEG must repeat exactly to stay linked to its source: never blanked, even if odd.
 _KEEP = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID"}
 _STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR"}
+# The source's equipment, which highdicom copies into the SEG's Contributing Equipment Sequence.
+_EQUIPMENT = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "DeviceSerialNumber",
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "InstitutionAddress",
+    "StationName",
+    "AcquisitionDateTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+)
 # Loose on purpose: leading zeros in a component are invalid but common in old scanners' UIDs,
 # and a SEG can still repeat them; anything else is not a UID a SEG can reference.
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -368,11 +382,12 @@ def _first_view(ds):
 @functools.lru_cache(maxsize=32)
 def _copied_keywords(sop_class_uid: str) -> tuple[str, ...]:
     """Root attributes highdicom copies from the first source into a SEG: its IOD's patient and
-    study modules, the specimen module, and the few it reads by name (see TYPE2_COPIED)."""
+    study modules, the specimen module, the equipment, and the few it reads by name."""
     from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
 
     keywords = dict.fromkeys(TYPE2_COPIED)
     keywords.update(dict.fromkeys(("LossyImageCompressionRatio", "PositionReferenceIndicator")))
+    keywords.update(dict.fromkeys(_EQUIPMENT))
     try:
         modules = get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]
     except KeyError:
