@@ -311,14 +311,16 @@ def _box_labels(volume, value: int = 1) -> np.ndarray:
 
 
 def _write_and_check(labels, volume, path, spec=(LIVER,)):
-    """Write the SEG, then: dciodvfy finds no error, it reads back as written, it references the
-    Volume's series and every source instance; the Volume's headers are left as they were."""
-    from dciodvfy import dciodvfy_errors
+    """Write the SEG, then: dciodvfy finds no error (where it is installed: the other checks
+    still run without it), it reads back as written, it references the Volume's series and every
+    source instance; the Volume's headers are left as they were."""
+    from dciodvfy import DCIODVFY, dciodvfy_errors
 
     before = [copy.deepcopy(h) for h in volume.headers]
     out = write_seg(labels, volume, list(spec), path, **ALGO)
     assert volume.headers == before  # only copies of the headers were changed
-    assert dciodvfy_errors(out) == []
+    if DCIODVFY is not None:
+        assert dciodvfy_errors(out) == []
     np.testing.assert_array_equal(read_seg_labels(out, volume, labels_spec=list(spec)), labels)
     seg = pydicom.dcmread(out)
     (series,) = seg.ReferencedSeriesSequence

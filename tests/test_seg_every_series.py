@@ -3,7 +3,7 @@
 Every series part that :func:`edgeseg.dicom.find_series` finds in ../shared/data/dicom and in
 pydicom's own test files (``pydicom.data``: test_files and charset_files), and that
 :func:`edgeseg.dicom.load_volume` accepts, gets a SEG written from a synthetic two-label map on
-its real Volume. Each SEG must pass ``dciodvfy`` without an error, read back with
+its real Volume. Each SEG must pass ``dciodvfy`` (dicom3tools) without an error, read back with
 :func:`edgeseg.outputs.read_seg_labels` to exactly the labels written, and reference the source
 series and every source instance. The only parts allowed no SEG are listed in :data:`REFUSED`,
 each with the one-sentence reason the writer must give.
@@ -120,7 +120,6 @@ def test_every_series_part_gets_a_valid_seg(root, index, tmp_path):
             return
         write_seg(labels, volume, SPEC, target, **ALGO)
 
-    assert dciodvfy_errors(target) == []
     np.testing.assert_array_equal(read_seg_labels(target, volume, labels_spec=SPEC), labels)
     seg = pydicom.dcmread(target)
     assert seg.Modality == "SEG" and seg.StudyInstanceUID == volume.headers[0].StudyInstanceUID
@@ -136,3 +135,5 @@ def test_every_series_part_gets_a_valid_seg(root, index, tmp_path):
                 assert str(src.ReferencedSOPInstanceUID) in sources
     if "FrameOfReferenceUID" in seg:
         assert re.fullmatch(r"[0-9]+(\.[0-9]+)*", seg.FrameOfReferenceUID)
+    # Last: it skips the test (with the reason) where dciodvfy is not installed.
+    assert dciodvfy_errors(target) == []
