@@ -2,8 +2,14 @@
 
 One segment per :class:`~edgeseg.spec.Label`, in ``labels_spec`` order (segment number 1, 2, …),
 each frame referencing the source image (single-frame series) or source frame (enhanced
-multi-frame) it was derived from. BINARY rather than LABELMAP because most viewers and PACS only
-understand BINARY so far.
+multi-frame) it was derived from; a Siemens MOSAIC's frames are placed by the Volume's affine and
+the SEG references the MOSAIC instance. BINARY rather than LABELMAP because most viewers and PACS
+only understand BINARY so far.
+
+Any Volume the reader assembled gets a SEG: highdicom is given consistent views of the sources
+(:mod:`edgeseg.outputs.seg_sources` says what they change and why, Frame of Reference included),
+never the Volume's headers themselves. A SEG is refused only where none can reference the
+sources: no Study Instance UID, or source UIDs that are not UIDs.
 
 A label map without any foreground still gives a valid SEG (a negative result is a result): it
 has every segment described and one empty frame per segment on the first slice, because a SEG
@@ -87,7 +93,8 @@ def write_seg(
     ------
     OutputError
         labels that do not fit the Volume or the spec, a Volume without DICOM headers (e.g.
-        read from NIfTI), or source images highdicom cannot derive a SEG from.
+        read from NIfTI), or sources a SEG cannot reference (no Study Instance UID, UIDs that
+        are not UIDs); one sentence, without patient data.
     """
     hd = _highdicom()
     spec = check_labels_spec(labels_spec)

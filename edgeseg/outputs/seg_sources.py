@@ -18,12 +18,13 @@ What a view changes, and why:
   so every SEG frame matches exactly one source frame (ReferencedFrameNumber);
 * Siemens MOSAIC: the one instance is the source image; the SEG's planes are placed by the
   Volume's affine (one tile per slice, so a frame cannot match the mosaic pixel for pixel);
-* the first view's patient and study attributes, which the SEG copies: dates and times that do not
-  parse (a zero year), a Patient's Sex outside M/F/O, other values invalid for their VR become
-  empty (they are type 2 or 3 there), and missing type 2 ones are added empty;
+* the first view's patient, study and equipment attributes, which the SEG copies: dates and times
+  that do not parse (a zero year), a Patient's Sex outside M/F/O, other values invalid for their
+  VR become empty (they are type 2 or 3 there), missing type 2 ones are added empty, and Patient
+  Identity Removed YES without a method gets "not stated in the source images" (type 1C);
 * Frame of Reference: kept when the sources have a valid one and real positions. A source with
-  positions but no (or an invalid) Frame of Reference UID — invalid for CT/MR, common after
-  anonymisation — gets one derived from its study and series UIDs (the same on every run and for
+  positions but no Frame of Reference UID (invalid for CT/MR, common after anonymisation), or one
+  that repeats the Study Instance UID (one UID for two things), gets one derived from its study and series UIDs (the same on every run and for
   every part of the series), so the SEG still carries the geometry and the per-frame references.
   A single unpositioned image whose IOD does not need one (radiographs, ultrasound, secondary
   capture) gives a SEG without Frame of Reference, as the SEG IOD allows; frames that only have
