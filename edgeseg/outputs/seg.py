@@ -115,7 +115,16 @@ def write_seg(
     empty = not segment_numbers.any()
     if empty:
         logger.info("the label map has no foreground: writing a SEG with empty segments")
-    sources = seg_sources(volume, segment_numbers, empty)
+    try:
+        sources = seg_sources(volume, segment_numbers, empty)
+    except OutputError:
+        raise
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # A header value the reader did not need and pydicom cannot convert.
+        reason = str(exc).strip().rstrip(".") or type(exc).__name__
+        raise OutputError(
+            f"the source headers cannot describe this Volume for a DICOM SEG ({reason})"
+        ) from None
     first = sources.images[0]
     try:
         with warnings.catch_warnings():
