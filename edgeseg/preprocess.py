@@ -17,6 +17,7 @@ import numpy as np
 
 from edgeseg._exceptions import SpecError
 from edgeseg.geometry import Orientation, orientation_for, resample, spacing_to_shape
+from edgeseg.intensity_lut import intensity_by_lut, lut_applies
 from edgeseg.spec import Clip, Denoise, ModelSpec, PercentileClip, Scale, Window, ZScore
 from edgeseg.volume import Volume
 
@@ -208,6 +209,8 @@ class Preprocessor:
             # Rescale is one affine map, which commutes with resampling: resample the stored
             # values (2 bytes a voxel, usually a smaller grid) and rescale only the result.
             x = resample(orient.to_model(vol.stored), out_shape, mode, axes)
+            if lut_applies(x, steps):  # still stored integers: the steps run on their histogram
+                return intensity_by_lut(x, float(vol.slope[0]), float(vol.intercept[0]), steps)
             x = np.array(x, dtype=np.float32, copy=True, order="C")
             if vol.slope[0] != 1.0:
                 x *= np.float32(vol.slope[0])

@@ -1,0 +1,95 @@
+"""The histogram/lookup-table intensity path gives what the array path gives, on real series.
+
+The array path (:func:`edgeseg.preprocess.apply_intensity` on float32 voxels) is the reference:
+percentiles and every clip/window/scale must match exactly, mean/std to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import shared_path
+
+from edgeseg.dicom import read_volume
+from edgeseg.intensity_lut import intensity_by_lut, lut_applies, weighted_percentiles
+from edgeseg.preprocess import Preprocessor, apply_intensity, percentiles
+from edgeseg.spec import Clip, Denoise, Label, ModelSpec, PercentileClip, Scale, Window, ZScore
+
+CHAINS = {
+    "deepbet": [PercentileClip(0.5, 99.5, True), ZScore(), Scale(0.226, 0.449)],
+    "ct window": [Window(40.0, 400.0)],
+    "clip, scale": [Clip(-100.0, 300.0), Scale(1 / 400.0, 0.25)],
+    "negative scale, then percentiles": [Scale(-2.0, 5.0), PercentileClip(1.0, 99.0, False)],
+    "nonzero zscore": [ZScore(nonzero=True), Window(0.0, 4.0, -1.0, 1.0)],
+    "fixed zscore": [PercentileClip(2.0, 98.0, True), ZScore(mean=0.3, std=0.2)],
+}
+
+
+def _volumes():
+    mr = sorted(shared_path("dicom", "dcm_qa_decubitus", "HFS_t1_fl2d_sag").glob("*.dcm"))
+    from pydicom.data import get_testdata_file
+
+    ct = get_testdata_file("CT_small.dcm")  # int16 with a rescale intercept
+    return {"MR uint16": read_volume(mr), "CT int16": read_volume([ct])}
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_lut_matches_the_array_path_on_real_series(chain):
+    steps = CHAINS[chain]
+    for name, vol in _volumes().items():
+        stored = vol.stored[:, ::3, ::2]  # a strided view, as nearest resampling can give
+        slope, intercept = float(vol.slope[0]), float(vol.intercept[0])
+        assert lut_applies(stored, steps)
+        ref = np.array(stored, dtype=np.float32)
+        if slope != 1.0:
+            ref *= np.float32(slope)
+        if intercept != 0.0:
+            ref += np.float32(intercept)
+        ref = apply_intensity(ref, steps)
+        got = intensity_by_lut(stored, slope, intercept, steps)
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == stored.shape
+        assert np.unique(ref).size > 10, (name, chain)  # the chain leaves something to compare
+        if any(isinstance(s, ZScore) and s.mean is None for s in steps):
+            np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6, err_msg=f"{name}: {chain}")
+        else:
+            np.testing.assert_array_equal(got, ref, err_msg=f"{name}: {chain}")
+
+
+def test_weighted_percentiles_are_the_same_order_statistics():
+    rng = np.random.default_rng(3)
+    values = rng.integers(-50, 50, 40).astype(np.float32)
+    counts = rng.integers(1, 30, 40)
+    expanded = np.repeat(values, counts)
+    for low, high in ((0.5, 99.5), (0.0, 100.0), (25.0, 75.0), (33.3, 66.6)):
+        assert weighted_percentiles(values, counts, low, high) == percentiles(expanded.copy(), low, high)
+
+
+def test_denoise_and_float_pixels_keep_the_array_path():
+    assert not lut_applies(np.zeros((2, 2), np.uint16), [Denoise(1.0)])
+    assert not lut_applies(np.zeros((2, 2), np.float32), [ZScore()])
+    assert not lut_applies(np.zeros((2, 2), np.int32), [ZScore()])
+
+
+def test_the_preprocessor_takes_the_lut_path_with_the_same_result(monkeypatch):
+    import edgeseg.preprocess as pre
+
+    vol = _volumes()["MR uint16"]
+
+    def spec(steps):
+        return ModelSpec(
+            dims=3,
+            labels=[Label(1, "a")],
+            intensity=steps,
+            target_shape=(64, 64, 64),
+            interpolation="nearest",
+        )
+
+    calls = []
+    real = pre.intensity_by_lut
+    monkeypatch.setattr(pre, "intensity_by_lut", lambda *a: calls.append(1) or real(*a))
+    fast = Preprocessor(spec(CHAINS["deepbet"]))(vol).array.copy()
+    assert calls == [1]
+    # A no-op denoise step is not per value: the same spec then runs on the array path.
+    slow = Preprocessor(spec([*CHAINS["deepbet"], Denoise(0.0)]))(vol).array
+    assert calls == [1]
+    np.testing.assert_allclose(fast, slow, rtol=2e-6, atol=2e-6)
