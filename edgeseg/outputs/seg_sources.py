@@ -384,16 +384,20 @@ def _first_view(ds):
 def _copied_keywords(sop_class_uid: str) -> tuple[str, ...]:
     """Root attributes highdicom copies from the first source into a SEG: its IOD's patient and
     study modules, the specimen module, the equipment, and the few it reads by name."""
-    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
-
     keywords = dict.fromkeys(TYPE2_COPIED)
     keywords.update(dict.fromkeys(("LossyImageCompressionRatio", "PositionReferenceIndicator")))
     keywords.update(dict.fromkeys(_EQUIPMENT))
-    try:
+    try:  # highdicom's own tables of the standard (private, as in 0.28): else the named ones only
+        from highdicom._standard_utils import (
+            get_iod_module_map,
+            get_module_attribute_map,
+            get_sop_class_iod_map,
+        )
+
         modules = get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]
-    except KeyError:
-        modules = []
-    attributes = get_module_attribute_map()
+        attributes = get_module_attribute_map()
+    except (ImportError, KeyError):
+        modules, attributes = [], {}
     for module in modules:
         if module["ie"] in ("Patient", "Study") or module["key"] == "specimen":
             keywords.update(dict.fromkeys(a["keyword"] for a in attributes[module["key"]] if not a["path"]))
