@@ -51,6 +51,7 @@ def _register() -> None:
         ("info", "info"),
         ("validate", "command"),
         ("bench", "command"),
+        ("doctor", "command"),
     ):
         try:
             mod = importlib.import_module(f"edgeseg.cli.{module}")
