@@ -190,12 +190,22 @@ def _gpu(report: Report) -> None:
         trt_ok = False
         report.checks.append(Check("TensorRT", False, "not installed",
                                    "JetPack ships it on Jetson; on x86: pip install tensorrt-cu12 (or tensorrt-cu13)"))  # fmt: skip
-    if gpus and trt_ok and nvrtc_ok:
-        report.engines.append("tensorrt")
-        report.gpu_path = "the GPU path can run: TensorRT, NVRTC and a CUDA device are all here"
+    ort_cuda = False
+    try:
+        import onnxruntime
+
+        ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except Exception:
+        pass
+    if gpus and nvrtc_ok and (trt_ok or ort_cuda):
+        engine = "tensorrt" if trt_ok else "onnxruntime-cuda"
+        report.engines.append(engine)
+        report.gpu_path = f"the GPU path can run: {engine}, NVRTC and a CUDA device are all here"
     else:
         missing = [c.name for c in report.checks if not c.ok and c.name in
-                   ("NVIDIA driver", "cuda-bindings", "NVRTC", "GPU", "TensorRT")]  # fmt: skip
+                   ("NVIDIA driver", "cuda-bindings", "NVRTC", "GPU")]  # fmt: skip
+        if not (trt_ok or ort_cuda):
+            missing.append("an engine (TensorRT, or onnxruntime-gpu in place of onnxruntime)")
         report.gpu_path = "the GPU path cannot run here: missing " + ", ".join(missing)
 
 

@@ -146,3 +146,45 @@ def refusal(engine: str, precision: str, result: dict[str, Any]) -> str:
         f"{result['min_dice_vs_fp32']:.4f} < {result['min_dice']} on {result['n_inputs']} input(s) "
         f"(voxel agreement {result['voxel_agreement']:.4%}); it will not be used here"
     )
+
+
+def first_accepted(
+    bundle: Any,
+    candidates: list[str],
+    open_one: Any,
+    engine: str,
+    min_dice: float,
+) -> Backend:
+    """The first precision in ``candidates`` whose engine passes the acceptance check.
+
+    ``open_one(precision)`` builds or loads that engine and returns ``(backend, record_path,
+    engine_id)``: where its check is cached and what the compiled engine is a function of. A
+    precision other than fp32 is skipped when the bundle has no acceptance set (nothing to check
+    it against); fp32 then runs unchecked, with a warning. Raises :class:`BackendError` with
+    every reason when none passes.
+    """
+    import logging
+
+    log = logging.getLogger("edgeseg")
+    acc = bundle.acceptance
+    reasons: list[str] = []
+    for prec in candidates:
+        if acc is None and prec != "fp32":
+            reasons.append(f"{engine} {prec} cannot be checked before use: the bundle has no acceptance set")
+            continue
+        backend, record, engine_id = open_one(prec)
+        if acc is None:
+            log.warning("%s has no acceptance set: %s fp32 runs unchecked", bundle.path, engine)
+            return backend
+        try:
+            result = cached_check(backend, acc, bundle.spec, min_dice, record=record, engine_id=engine_id)
+        except BaseException:
+            backend.close()
+            raise
+        if result["passed"]:
+            backend.acceptance = result  # type: ignore[attr-defined]
+            return backend
+        backend.close()
+        reasons.append(refusal(engine, prec, result))
+        log.warning("%s: %s", bundle.path, reasons[-1])
+    raise BackendError(f"{bundle.path}: " + "; ".join(reasons))

@@ -12,15 +12,12 @@ keyed by the plan's own hash) and never run. Asked for one precision explicitly,
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgeseg._exceptions import BackendError
 from edgeseg.backends.base import Backend
-
-log = logging.getLogger("edgeseg")
 
 
 def open_tensorrt_backend(
@@ -38,7 +35,7 @@ def open_tensorrt_backend(
     to this GPU's engine key, TensorRT's builder and :class:`TensorRTBackend`; they are
     parameters so the selection can be exercised where no GPU is.
     """
-    from edgeseg.backends.acceptance import cached_check, refusal
+    from edgeseg.backends.acceptance import first_accepted
     from edgeseg.backends.choice import min_dice
     from edgeseg.backends.engine_cache import TRT_PRECISIONS, current_key, load_or_build
 
@@ -54,36 +51,13 @@ def open_tensorrt_backend(
     candidates = [precision] if precision else [p for p in TRT_PRECISIONS if p in bundle.artifacts]
     if not candidates:
         raise BackendError(f"{bundle.path}: the bundle has no model TensorRT can build from")
-    acc, gate = bundle.acceptance, min_dice(bundle)
-    reasons: list[str] = []
-    for prec in candidates:
-        if acc is None and prec != "fp32":
-            reasons.append(f"TensorRT {prec} cannot be checked before use: the bundle has no acceptance set")
-            continue
+
+    def open_one(prec: str) -> tuple[Backend, Path, str]:
         sha = bundle.sha256(bundle.artifacts[prec])
         plan, path, _ = load_or_build(
             bundle.onnx(prec), sha, bundle.spec, prec, key=key_for(sha, prec), root=root, builder=builder
         )
-        backend = make_backend(plan, prec)
-        if acc is None:
-            log.warning("%s has no acceptance set: TensorRT fp32 runs unchecked", bundle.path)
-            return backend
-        try:
-            result = cached_check(
-                backend,
-                acc,
-                bundle.spec,
-                gate,
-                record=path.with_suffix(".accept.json"),
-                engine_id=hashlib.sha256(plan).hexdigest(),
-            )
-        except BaseException:
-            backend.close()
-            raise
-        if result["passed"]:
-            backend.acceptance = result  # type: ignore[attr-defined]
-            return backend
-        backend.close()
-        reasons.append(refusal("TensorRT", prec, result))
-        log.warning("%s: %s", bundle.path, reasons[-1])
-    raise BackendError(f"{bundle.path}: " + "; ".join(reasons))
+        # The check is a function of the plan itself: keyed by its hash, next to it.
+        return make_backend(plan, prec), path.with_suffix(".accept.json"), hashlib.sha256(plan).hexdigest()
+
+    return first_accepted(bundle, candidates, open_one, "TensorRT", min_dice(bundle))

@@ -164,7 +164,8 @@ class GpuPipeline:
         self.device = device_info(device_index)
         self.kernels = Kernels(self.device.sm)
         self.stream = backend.stream
-        self.use_graphs = use_graphs
+        # An engine that allocates or synchronises inside a run (ONNX Runtime) cannot be captured.
+        self.use_graphs = use_graphs and getattr(backend, "capturable", True)
         self.pool = PinnedPool(mapped=self.device.integrated, device_index=device_index)
         self._bufs = _Buffers()
         self._pinned: dict[str, PinnedBuffer] = {}
@@ -550,9 +551,15 @@ class GpuSegmenter:
     def open(cls, bundle: Any, *, precision: str | None = None) -> GpuSegmenter:
         """Open ``bundle`` on this GPU: the cached engine for it, or one built now (once), that
         passed the bundle's acceptance check (int8 → fp16 → fp32 unless ``precision`` is given)."""
+        from edgeseg._optional import available
         from edgeseg.backends.tensorrt_open import open_tensorrt_backend
 
-        return cls(bundle.spec, open_tensorrt_backend(bundle, precision), bundle=bundle)
+        if available("tensorrt"):
+            return cls(bundle.spec, open_tensorrt_backend(bundle, precision), bundle=bundle)
+        # No TensorRT: ONNX Runtime's CUDA provider (onnxruntime-gpu) runs the same pipeline.
+        from edgeseg.backends.ort_cuda_open import open_ort_cuda_backend
+
+        return cls(bundle.spec, open_ort_cuda_backend(bundle, precision), bundle=bundle)
 
     def segment(
         self, volumes: Volume | Sequence[Volume], *, with_confidence: bool = False
