@@ -1,0 +1,1 @@
+"""CUDA kernels executed on the CPU (see tests/test_kernels_on_cpu.py)."""
