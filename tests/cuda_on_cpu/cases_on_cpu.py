@@ -608,3 +608,41 @@ def test_free_during_capture_invalidates_it(gpu):
     assert not GraphRunner(stream, enqueue).capture()
     assert "during stream capture" in DEVICE.log[-1]
     buf.close()
+
+
+def test_grid_stride_loops_with_few_blocks(gpu, monkeypatch):
+    """Volumes beyond MAX_BLOCKS × BLOCK items make every thread loop over several items; the
+    other cases stay below that, so here the launch helper's cap is 3 blocks and each kernel
+    walks its grid-stride loop many times (same launch code, same references)."""
+    from edgeseg.cuda import module
+    from edgeseg.cuda.pipeline import GpuPipeline
+
+    monkeypatch.setattr(module, "MAX_BLOCKS", 3)
+    first = len(DEVICE.launches)  # (the session's list: test_kernels_on_cpu checks every kernel ran)
+    vol = _synthetic((6, 27, 25), affine=_oblique_affine())
+    for name in ("percentile_zscore_lps_nearest", "denoise_clip_scale", "2d_zscore_nonzero_odd"):
+        kw = dict(REAL_SPECS[name])
+        kw.pop("target_spacing", None)
+        spec = ModelSpec(labels=[Label(1, "a")], **kw)
+        check_preprocess(gpu, f"3 blocks {name}", spec, [vol])
+    info, _, _ = gpu
+    for kind in ("sliding-edges", "2d-odd-batches"):
+        spec = ModelSpec(labels=[Label(1, "a")], **PIPELINES[kind][0])
+        backend = Fp16NetBackend(info.sm, False, True)
+        pipe = GpuPipeline(spec, backend, use_graphs=False)
+        want, want_conf = expected_labels([vol], spec, False, True)
+        result = pipe.run(vol, with_confidence=True)
+        diff = int(np.abs(result.confidence.astype(int) - want_conf).max())
+        record(
+            f"3 blocks pipeline {kind}",
+            label_mismatches=int((result.labels != want).sum()),
+            conf_max_diff=diff,
+        )
+        np.testing.assert_array_equal(result.labels, want)
+        assert diff <= 1
+        pipe.close()
+        backend.close()
+    ours = [
+        g for name, g in zip(DEVICE.launches[first:], DEVICE.grids[first:]) if name != "net"
+    ]  # the net picks its own grid
+    assert ours and max(ours) <= 3

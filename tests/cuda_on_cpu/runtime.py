@@ -100,6 +100,7 @@ class CpuDevice:
         self.functions: dict[int, tuple[ctypes.CDLL, str, object]] = {}
         self.next_handle = 0x1000
         self.launches: list[str] = []  # kernel names, in order (what a run executed)
+        self.grids: list[int] = []  # gridDim.x of each launch, in the same order
         self.pending_sizes: list[int] | None = None
         self.reverse = 0  # barrier kernels: fiber schedule forward (0) or reversed (1)
         self.log: list[str] = []  # why a call failed, for the test's messages
@@ -452,6 +453,7 @@ def _driver() -> types.ModuleType:
         def op():
             argv = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(v) for v in values])
             d.launches.append(name)
+            d.grids.append(int(gx))
             if entry(grid, block, int(shmem), argv, sz, n, reverse) != 0:
                 return d.fail(CUresult.CUDA_ERROR_LAUNCH_FAILED, lib.cuda_cpu_error().decode())
             return CUresult.CUDA_SUCCESS
