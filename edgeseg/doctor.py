@@ -137,7 +137,7 @@ def _gpu(report: Report) -> None:
     bindings = _version("cuda-bindings") or _version("cuda-python")
     if bindings is None:
         report.checks.append(Check("cuda-bindings", False, "not installed",
-                                   f"pip install 'edgeseg[gpu]' (or: pip install 'cuda-bindings>={cu},<{int(cu) + 1}')"))  # fmt: skip
+                                   f"pip install 'edgeseg[gpu-cu{cu}]'"))  # fmt: skip
     else:
         ok = cuda_major is None or int(bindings.split(".")[0]) <= int(cuda_major.split(".")[0])
         detail = f"{bindings}" + (
@@ -146,7 +146,7 @@ def _gpu(report: Report) -> None:
             else f": needs a driver for CUDA {bindings.split('.')[0]}, this one supports {cuda_major}"
         )
         report.checks.append(Check("cuda-bindings", ok, detail,
-                                   "" if ok else f"pip install 'cuda-bindings>={cuda_major},<{int(cuda_major.split('.')[0]) + 1}'"))  # fmt: skip
+                                   "" if ok else f"pip install 'edgeseg[gpu-cu{cuda_major.split('.')[0]}]'"))  # fmt: skip
     nvrtc_ok, nvrtc_detail = False, "not found"
     try:
         from edgeseg.cuda.nvrtc import BindingsNvrtc

@@ -115,6 +115,8 @@ class FakeBackend:
     def enqueue(self, handle) -> None:
         assert handle == FakeStream.handle
         x, y = self.addresses
+        # setTensorAddress refuses addresses that are not 256-byte aligned.
+        assert x % 256 == 0 and (y or 0) % 256 == 0, f"TensorRT address not 256-byte aligned: {x:#x}, {y}"
         n_in = int(np.prod(self.shape)) * self.input.dtype.itemsize
         n_out = int(np.prod(self.bind(self.shape, x, y))) * 4
         assert self.memory.contains(x, n_in), "TensorRT input reaches outside its buffer"
@@ -165,7 +167,10 @@ def fake_gpu(monkeypatch):
     class HostBuffer:
         def __init__(self, nbytes) -> None:
             self.nbytes = int(nbytes)
-            self._mem = np.zeros(max(self.nbytes, 1), np.uint8)
+            # cudaMalloc returns 256-byte aligned memory: so does this stand-in.
+            raw = np.zeros(max(self.nbytes, 1) + 256, np.uint8)
+            skip = -raw.ctypes.data % 256
+            self._raw, self._mem = raw, raw[skip : skip + max(self.nbytes, 1)]
             self.ptr = self._mem.ctypes.data
             memory.live.append(self)
 
@@ -200,6 +205,11 @@ def fake_gpu(monkeypatch):
             made_current.append(index)
             return (0,)  # cudaSuccess, as cuda-bindings returns it
 
+        def copy_device(dst, src, nbytes, stream):
+            assert memory.contains(dst, nbytes) and memory.contains(src, nbytes), "D2D copy outside a buffer"
+            ctypes.memmove(dst, src, nbytes)
+
+        monkeypatch.setattr(P, "copy_device", copy_device)
         runtime = types.SimpleNamespace(cudaSetDevice=set_device)
         monkeypatch.setattr(P, "runtime_module", lambda: runtime)
         monkeypatch.setattr(module, "Kernels", lambda arch: FakeKernels(memory))
@@ -257,6 +267,20 @@ def test_2d_batches_cover_every_slice_with_one_shape(fake_gpu):
     posts = [a[0] for n, a in pipe.kernels.launches if n.startswith("postprocess")]
     covered = sorted({p.n_offset + i for p in posts for i in range(p.N)})
     assert covered == list(range(grid[0])) and all(p.N == 4 for p in posts)
+
+
+def test_2d_batches_at_unaligned_offsets_are_staged_into_an_aligned_buffer(fake_gpu):
+    from edgeseg.cuda.plan import slice_batches
+
+    make, _ = fake_gpu
+    spec = ModelSpec(
+        dims=2, labels=[Label(1, "a")], intensity=[Window(40, 400)], target_shape=(30, 30), batch_size=4
+    )
+    assert slice_batches(10, 4, 30 * 30 * 4) == [(0, False), (4, True), (6, True)]  # 3600-byte slices
+    assert slice_batches(10, 4, 32 * 32 * 4) == [(0, False), (4, False), (6, False)]
+    pipe = make(spec)
+    pipe.run(_volume((10, 40, 36)))  # the fake TensorRT asserts every address it gets is aligned
+    assert pipe.backend.enqueued == [(4, 1, 30, 30)] * 3
 
 
 def test_sliding_window_accumulates_every_window_once_with_full_batches(fake_gpu):

@@ -129,6 +129,13 @@ class DeviceBuffer:
     __del__ = close
 
 
+def copy_device(dst: int, src: int, nbytes: int, stream: Stream) -> None:
+    """Async device-to-device copy of ``nbytes`` on ``stream``."""
+    rt = runtime_module()
+    kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    check(rt.cudaMemcpyAsync(int(dst), int(src), int(nbytes), kind, stream.stream), "D2D copy")
+
+
 class PinnedBuffer:
     """Page-locked host memory as a numpy array; ``mapped`` also maps it into the device's
     address space (on integrated GPUs the kernels then read it in place: zero copy).

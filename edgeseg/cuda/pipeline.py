@@ -27,7 +27,7 @@ from edgeseg.cuda._api import check, runtime_module
 from edgeseg.cuda.device import device_info
 from edgeseg.cuda.graph import GraphRunner
 from edgeseg.cuda.interop import as_device_view
-from edgeseg.cuda.memory import DeviceBuffer, Event, PinnedBuffer, PinnedPool
+from edgeseg.cuda.memory import DeviceBuffer, Event, PinnedBuffer, PinnedPool, copy_device
 from edgeseg.cuda.module import BLOCK, PostParams, PreParams
 from edgeseg.cuda.plan import (
     OP_WIDTH,
@@ -36,6 +36,7 @@ from edgeseg.cuda.plan import (
     ChannelPlan,
     output_strides,
     plan_volumes,
+    slice_batches,
     source_tables,
 )
 from edgeseg.preprocess import gaussian_importance, window_starts
@@ -107,6 +108,12 @@ class Program:
         s = self.stream
         self.ident.append(b"E" + repr(event.handle).encode())
         self.steps.append(lambda: event.record(s))
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        """Device-to-device copy on the program's stream (capturable)."""
+        s = self.stream
+        self.ident.append(b"C" + repr((int(dst), int(src), int(nbytes))).encode())
+        self.steps.append(lambda: copy_device(dst, src, nbytes, s))
 
     def memset(self, buf: DeviceBuffer) -> None:
         s = self.stream
@@ -405,10 +412,15 @@ class GpuPipeline:
             out_shape = be.bind(shape, x.ptr)
             y = self._bufs.get("output", int(np.prod(out_shape)) * out_item)
             prog.record(ev["infer"][0])
-            starts = sorted({min(start, d - bs) for start in range(0, d, bs)})
+            batches = slice_batches(d, bs, slice_in)
+            stage = self._bufs.get("batch_in", bs * slice_in) if any(st for _, st in batches) else None
             before = ev["infer"][0]
-            for start, (inferred, posted) in zip(starts, self._batch_event_pairs(len(starts))):
-                prog.infer(be, shape, x.ptr + start * slice_in, y.ptr)
+            for (start, staged), (inferred, posted) in zip(batches, self._batch_event_pairs(len(batches))):
+                src = x.ptr + start * slice_in
+                if staged:  # TensorRT reads only 256-byte aligned addresses
+                    prog.copy(stage.ptr, src, bs * slice_in)
+                    src = stage.ptr
+                prog.infer(be, shape, src, y.ptr)
                 prog.record(inferred)
                 p = self._post_params(y.ptr, labels, conf, bs, out_shape[1], (1, padded[1], padded[2]),
                                       (1, grid[1], grid[2]), start)  # fmt: skip

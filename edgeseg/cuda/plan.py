@@ -293,3 +293,17 @@ def plan_volumes(
         for c, v in enumerate(vols)
     ]
     return plans, (orient, oriented, grid)
+
+
+# TensorRT's setTensorAddress needs device addresses aligned to 256 bytes.
+TRT_ALIGNMENT = 256
+
+
+def slice_batches(depth: int, batch: int, slice_bytes: int) -> list[tuple[int, bool]]:
+    """The 2D path's batches of slices: ``(first slice, staged)`` each. Every batch has
+    ``batch`` slices (the last one overlaps the one before, so one input shape serves all); a
+    batch whose byte offset into the preprocessed volume is not 256-byte aligned is ``staged``:
+    copied device-to-device into an aligned buffer before TensorRT reads it."""
+    batch = min(batch, depth)
+    starts = sorted({min(start, depth - batch) for start in range(0, depth, batch)})
+    return [(s, (s * slice_bytes) % TRT_ALIGNMENT != 0) for s in starts]
