@@ -32,17 +32,22 @@ def header_of(ds) -> Header:
     ValueError
         (0008,0018) 'SOP Instance UID' or (0020,000E) 'Series Instance UID' is missing.
     """
-    sop = str(ds.get("SOPInstanceUID", "") or "").strip()
-    series = str(ds.get("SeriesInstanceUID", "") or "").strip()
-    if not sop or not series:
-        missing = "(0008,0018) 'SOP Instance UID'" if not sop else "(0020,000E) 'Series Instance UID'"
-        raise ValueError(f"the header has no {missing}")
-    expected = None
-    try:
-        n = int(ds.get("ImagesInAcquisition", 0) or 0)
-        expected = n if n > 0 else None
-    except (TypeError, ValueError):
+    from edgeseg.dicom.scan import quiet_pydicom
+
+    # pydicom converts values on access and its validation warnings quote them: a damaged
+    # length makes a UID swallow the elements after it, patient name included, into the log.
+    with quiet_pydicom():
+        sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+        series = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        if not sop or not series:
+            missing = "(0008,0018) 'SOP Instance UID'" if not sop else "(0020,000E) 'Series Instance UID'"
+            raise ValueError(f"the header has no {missing}")
         expected = None
+        try:
+            n = int(ds.get("ImagesInAcquisition", 0) or 0)
+            expected = n if n > 0 else None
+        except (TypeError, ValueError):
+            expected = None
     return Header(uid_key(series), uid_key(sop), expected)
 
 
@@ -50,7 +55,10 @@ def read_header(data: bytes) -> Header:
     """Parse a Part 10 byte string's header (stops before the pixel data)."""
     import pydicom
 
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    from edgeseg.dicom.scan import quiet_pydicom
+
+    with quiet_pydicom():
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     return header_of(ds)
 
 
