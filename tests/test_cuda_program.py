@@ -433,6 +433,10 @@ def test_cuda_array_interface_stream_is_carried_and_dlpack_gets_ours():
 
     assert from_cuda_array_interface(Cai(77)).stream == 77
     assert from_cuda_array_interface(Cai(None)).stream is None
+    v2 = Cai(5)
+    del v2.__cuda_array_interface__["stream"]
+    v2.__cuda_array_interface__["version"] = 2
+    assert from_cuda_array_interface(v2).stream == 1  # no stream said: after the legacy default stream
     with pytest.raises(ValueError, match="stream 0"):
         from_cuda_array_interface(Cai(0))
 
@@ -456,6 +460,10 @@ def test_cuda_array_interface_stream_is_carried_and_dlpack_gets_ours():
     dev = Producer(2)
     as_device_view(dev, 1234)
     assert dev.asked == [1234]
+    both = Producer(2)  # a PyTorch tensor offers both: DLPack, which can order its writes, wins
+    both.__cuda_array_interface__ = {"shape": (6,), "typestr": "<i2", "data": (8192, False), "version": 2}
+    as_device_view(both, 99)
+    assert both.asked == [99]
 
 
 # -- pinned pool ------------------------------------------------------------------------------------

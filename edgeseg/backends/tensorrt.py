@@ -75,11 +75,16 @@ class TensorRTBackend(Backend):
         Call with ``output_ptr=None`` first to learn the output shape, allocate, then bind it.
         """
         ctx = self.context
-        if not ctx.set_input_shape(self._input.name, tuple(int(n) for n in input_shape)):
-            raise BackendError(
-                f"the engine does not accept input shape {tuple(input_shape)} for '{self._input.name}' "
-                "(outside its optimization profile); rebuild the engine for this shape"
-            )
+        shape = tuple(int(n) for n in input_shape)
+        # Shapes are set only when they change: inside a CUDA graph capture (the pipeline's
+        # replayed programs bind the same shape every time) no shape work may happen.
+        if shape != getattr(self, "_bound_shape", None):
+            if not ctx.set_input_shape(self._input.name, shape):
+                raise BackendError(
+                    f"the engine does not accept input shape {shape} for '{self._input.name}' "
+                    "(outside its optimization profile); rebuild the engine for this shape"
+                )
+            self._bound_shape = shape
         out_shape = tuple(int(n) for n in ctx.get_tensor_shape(self._output.name))
         if any(n < 0 for n in out_shape):
             raise BackendError(f"TensorRT could not infer the output shape for input {tuple(input_shape)}")

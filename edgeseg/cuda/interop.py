@@ -84,7 +84,13 @@ def from_cuda_array_interface(obj: Any) -> DeviceArrayView:
         if any(s % dtype.itemsize for s in strides):
             raise ValueError("strides that are not a multiple of the item size are not supported")
         el = tuple(int(s) // dtype.itemsize for s in strides)
-    stream = cai.get("stream")
+    if "stream" in cai:
+        stream = cai["stream"]
+    else:
+        # Version 2 carries no stream (PyTorch still exports v2): the producer's writes may
+        # be pending on the legacy default stream, which a non-blocking stream does not wait
+        # for by itself. Order after it (handle 1 = cudaStreamLegacy).
+        stream = 1
     if stream is not None and int(stream) == 0:
         raise ValueError("__cuda_array_interface__ stream 0 is not allowed (ambiguous; see CAI v3)")
     return DeviceArrayView(ptr, shape, dtype, el, True, obj, None if stream is None else int(stream))
@@ -120,12 +126,14 @@ def as_device_view(obj: Any, stream: int | None = None) -> DeviceArrayView | Non
     """A :class:`DeviceArrayView` of ``obj`` if it exposes device memory, else ``None``.
 
     ``stream``: the consumer's stream handle, passed to ``__dlpack__`` (see the module doc)."""
-    if hasattr(obj, "__cuda_array_interface__"):
-        return from_cuda_array_interface(obj)
+    # DLPack first: ``__dlpack__(stream=ours)`` makes the producer order its pending writes
+    # before our stream, which __cuda_array_interface__ (PyTorch's is version 2) cannot say.
     if hasattr(obj, "__dlpack__") and not isinstance(obj, np.ndarray):
         device = getattr(obj, "__dlpack_device__", None)
         if device is not None and int(device()[0]) not in (_DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED):
             return None  # host memory: never ask a CPU producer to sync on a CUDA stream
         view = from_dlpack(obj, stream)
         return view if view.on_device else None
+    if hasattr(obj, "__cuda_array_interface__"):
+        return from_cuda_array_interface(obj)
     return None
