@@ -23,8 +23,12 @@ from edgeseg.spec import ModelSpec
 
 log = logging.getLogger("edgeseg")
 
-# Without a fixed target shape, 2D / whole-volume 3D models get this spatial range per axis.
+# Without a fixed target shape, 2D slices and whole-volume 3D models get this spatial range per
+# axis. The maximum sizes the execution context's memory: 512³ would ask for tens of GB of
+# activations from a 3D U-Net (out of memory on an Orin), so whole volumes stop at 256³; a
+# larger one is refused at bind time with a sentence (give the spec a target shape, or a patch).
 DYNAMIC_RANGE = (32, 256, 512)
+DYNAMIC_RANGE_3D = (32, 128, 256)
 
 
 def _pad(n: int, spec: ModelSpec, patch: int | None = None) -> int:
@@ -51,7 +55,8 @@ def profile_shapes(
         static = [d if isinstance(d, int) and d > 0 else None for d in onnx_shape[2:]]
     if spec.target_shape is not None:
         static = [_pad(int(n), spec) for n in tuple(spec.target_shape)[-nsp:]]
-    lo, mid, hi = ([s if s else _pad(r, spec) for s in static] for r in DYNAMIC_RANGE)
+    ranges = DYNAMIC_RANGE_3D if spec.dims == 3 else DYNAMIC_RANGE
+    lo, mid, hi = ([s if s else _pad(r, spec) for s in static] for r in ranges)
     if spec.dims == 3:  # whole volume: batch of one
         return (1, c, *lo), (1, c, *mid), (1, c, *hi)
     return (1, c, *lo), (bs, c, *mid), (bs, c, *hi)

@@ -505,3 +505,33 @@ def test_pinned_pool_arrays_own_their_memory_and_recycle_it():
     assert pool.idle == 1 and _HostBuf.closed == 1  # keep=1: the second idle buffer is freed
     pool.close()
     assert _HostBuf.closed == 2
+
+
+# -- frees during a graph capture ---------------------------------------------------------------
+def test_frees_wait_for_the_end_of_a_capture_and_failures_are_logged(caplog):
+    import edgeseg.cuda.memory as M
+
+    freed: list[int] = []
+
+    class Runtime:
+        def cudaMalloc(self, n):
+            return (0, 0x1000 + len(freed) * 0x100)
+
+        def cudaFree(self, ptr):
+            freed.append(ptr)
+            return (0,)
+
+    buf = M.DeviceBuffer.__new__(M.DeviceBuffer)
+    buf._rt, buf.nbytes, buf.ptr = Runtime(), 16, 0x1000
+    with M.capture_scope():
+        with M.capture_scope():  # nested: only the outermost end releases
+            buf.close()
+        assert freed == [] and M.capturing_here()
+    assert freed == [0x1000] and not M.capturing_here()
+    # A failing free is reported (the memory would leak), not raised from a finalizer.
+    bad = M.DeviceBuffer.__new__(M.DeviceBuffer)
+    bad._rt = types.SimpleNamespace(cudaFree=lambda ptr: (2,))
+    bad.nbytes, bad.ptr = 16, 0x2000
+    with caplog.at_level("WARNING", logger="edgeseg"):
+        bad.close()
+    assert "cudaFree of 0x2000 failed" in caplog.text and bad.ptr == 0

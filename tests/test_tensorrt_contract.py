@@ -203,7 +203,7 @@ def test_profile_shapes_follow_the_spec():
     assert profile_shapes(two_d) == ((1, 1, 256, 256), (8, 1, 256, 256), (8, 1, 256, 256))
     dyn = ModelSpec(dims=3, labels=[Label(1, "a")], divisible_by=16)
     lo, opt, hi = profile_shapes(dyn, ("N", 1, "D", 96, "W"))
-    assert lo == (1, 1, 32, 96, 32) and hi == (1, 1, 512, 96, 512)
+    assert lo == (1, 1, 32, 96, 32) and hi == (1, 1, 256, 96, 256)  # whole volumes stop at 256 per axis
 
 
 def test_parser_errors_become_one_sentence():

@@ -64,7 +64,15 @@ class TensorRTBackend(Backend):
 
     def _info(self, name: str) -> TensorInfo:
         shape = tuple(int(d) if d >= 0 else None for d in self.engine.get_tensor_shape(name))
-        return TensorInfo(name, shape, np.dtype(self._trt_mod.nptype(self.engine.get_tensor_dtype(name))))
+        kind = self.engine.get_tensor_dtype(name)
+        try:
+            dtype = np.dtype(self._trt_mod.nptype(kind))
+        except TypeError:  # BF16, FP8, INT4: no numpy type (trt.nptype raises a bare TypeError)
+            raise BackendError(
+                f"the engine's tensor '{name}' is {getattr(kind, 'name', kind)}; edgeseg feeds and reads "
+                "float32 or float16: export the model with float32 inputs and outputs"
+            ) from None
+        return TensorInfo(name, shape, dtype)
 
     # -- device-resident path (used by GpuPipeline) ------------------------------------------
     def bind(

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from edgeseg.cuda._api import check, runtime_module
-from edgeseg.cuda.memory import Stream
+from edgeseg.cuda.memory import Stream, capture_scope
 
 log = logging.getLogger("edgeseg")
 
@@ -41,14 +41,15 @@ class GraphRunner:
             log.info("CUDA graph capture unavailable (%s); launching plainly", exc)
             return False
         failure: Exception | None = None
-        self.stream.capturing = True  # Event.record turns into graph event nodes
-        try:
-            self.enqueue()
-        except Exception as exc:  # noqa: BLE001 - any failure means: no graph
-            failure = exc
-        finally:
-            self.stream.capturing = False
-        err, graph = rt.cudaStreamEndCapture(self.stream.stream)  # always end, even after a failure
+        with capture_scope():  # frees requested until the capture has ended wait for its end
+            self.stream.capturing = True  # Event.record turns into graph event nodes
+            try:
+                self.enqueue()
+            except Exception as exc:  # noqa: BLE001 - any failure means: no graph
+                failure = exc
+            finally:
+                self.stream.capturing = False
+            err, graph = rt.cudaStreamEndCapture(self.stream.stream)  # always end, even after a failure
         if failure is not None or int(err) != 0 or graph is None:
             if graph is not None and int(err) == 0:
                 rt.cudaGraphDestroy(graph)

@@ -8,13 +8,60 @@ numpy arrays whose memory lives as long as the arrays do (loaders decode into th
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
 from edgeseg.cuda._api import check, handle, runtime_module
+
+log = logging.getLogger("edgeseg")
+
+# Frees requested on a thread while it captures a CUDA graph (a finalizer run by the garbage
+# collector, a buffer replaced mid-program): cudaFree/cudaFreeHost there are prohibited and
+# would invalidate the capture, so they wait until the capture ends.
+_local = threading.local()
+_deferred: list[tuple[Callable[[int], object], int, str]] = []
+_deferred_lock = threading.Lock()
+
+
+def capturing_here() -> bool:
+    return getattr(_local, "depth", 0) > 0
+
+
+@contextmanager
+def capture_scope() -> Iterator[None]:
+    """Mark this thread as capturing a graph; deferred frees run when the outermost scope ends."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+        if _local.depth == 0:
+            with _deferred_lock:
+                pending = _deferred[:]
+                _deferred.clear()
+            for free, ptr, what in pending:
+                _release(free, ptr, what)
+
+
+def _release(free: Callable[[int], object], ptr: int, what: str) -> None:
+    """Free ``ptr`` now, or after the capture this thread is in; a failure is logged (leaked
+    memory must not pass silently), never raised from a finalizer."""
+    if capturing_here():
+        with _deferred_lock:
+            _deferred.append((free, ptr, what))
+        return
+    try:
+        result = free(ptr)
+        err = result[0] if isinstance(result, tuple) else result
+        if int(err) != 0:
+            log.warning("%s of %#x failed (%s): the memory may leak", what, ptr, getattr(err, "name", err))
+    except Exception as exc:  # interpreter shutdown, a driver gone: report, do not raise
+        log.warning("%s of %#x failed (%s): the memory may leak", what, ptr, exc)
 
 
 class Stream:
@@ -33,7 +80,16 @@ class Stream:
         return handle(self.stream)
 
     def synchronize(self) -> None:
-        check(self._rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        """Wait for the stream's work, sleeping rather than spinning: cudaStreamSynchronize
+        busy-waits a CPU core by default, which on a Jetson is the core the reader needs. A
+        blocking-sync event recorded at the tail gives the same wait without the spin."""
+        rt = self._rt
+        done = getattr(self, "_done", None)
+        if done is None:
+            flags = rt.cudaEventBlockingSync | rt.cudaEventDisableTiming
+            done = self._done = check(rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+        check(rt.cudaEventRecord(done, self.stream), "cudaEventRecord")
+        check(rt.cudaEventSynchronize(done), "cudaEventSynchronize")
 
     def wait_for(self, other: int) -> None:
         """Order later work on this stream after everything queued so far on stream ``other``
@@ -48,6 +104,9 @@ class Stream:
             rt.cudaEventDestroy(ev)  # released once the wait is satisfied
 
     def close(self) -> None:
+        if getattr(self, "_done", None) is not None:
+            self._rt.cudaEventDestroy(self._done)
+            self._done = None
         if getattr(self, "stream", None) is not None:
             self._rt.cudaStreamDestroy(self.stream)
             self.stream = None
@@ -60,7 +119,10 @@ class Event:
 
     def __init__(self) -> None:
         self._rt = runtime_module()
-        self.event = check(self._rt.cudaEventCreate(), "cudaEventCreate")
+        # Blocking sync: elapsed_ms waits on it without spinning a core (timing still works).
+        self.event = check(
+            self._rt.cudaEventCreateWithFlags(self._rt.cudaEventBlockingSync), "cudaEventCreateWithFlags"
+        )
 
     def record(self, stream: Stream) -> None:
         """Record on ``stream``. Inside a stream capture a plain record only orders work within
@@ -123,7 +185,7 @@ class DeviceBuffer:
 
     def close(self) -> None:
         if getattr(self, "ptr", 0):
-            self._rt.cudaFree(self.ptr)
+            _release(self._rt.cudaFree, self.ptr, "cudaFree")
             self.ptr = 0
 
     __del__ = close
@@ -160,7 +222,7 @@ class PinnedBuffer:
     def close(self) -> None:
         if getattr(self, "ptr", 0):
             self.array = None  # type: ignore[assignment]
-            self._rt.cudaFreeHost(self.ptr)
+            _release(self._rt.cudaFreeHost, self.ptr, "cudaFreeHost")
             self.ptr = 0
 
     __del__ = close
