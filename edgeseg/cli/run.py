@@ -57,6 +57,20 @@ STAGES = ("read", "preprocess", "h2d", "infer", "postprocess", "d2h", "write")
 )
 @click.option("--once", is_flag=True, help="With --listen/--watch: process what is complete, then exit.")
 @click.option(
+    "--series-time-limit",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="With --listen/--watch: seconds one series may take before its process is stopped and the "
+    "series set aside (default: max(120, 2 per instance)).",
+)
+@click.option(
+    "--no-isolate",
+    is_flag=True,
+    help="With --listen/--watch: decode and segment in the service's own process, not in a child "
+    "(a crashing decoder then stops the service).",
+)
+@click.option(
     "--frames",
     default=None,
     metavar="SOURCE",
@@ -84,6 +98,8 @@ def run(
     series_timeout,
     spool,
     once,
+    series_time_limit,
+    no_isolate,
     frames,
 ):
     """Segment INPUTS (DICOM files, folders, DICOMDIR, NIfTI) with BUNDLE.
@@ -99,6 +115,13 @@ def run(
     if (tls_cert or tls_key or tls_ca) and not (listen or watch):
         raise click.UsageError(
             "'--tls-cert/--tls-key/--tls-ca' apply only to the listener and --forward (with --listen or --watch)"
+        )
+    if (series_time_limit is not None or no_isolate) and not (listen or watch):
+        raise click.UsageError("'--series-time-limit/--no-isolate' apply only with --listen or --watch")
+    if no_isolate and series_time_limit is not None:
+        # Without a child there is nothing to stop: the limit would silently not apply.
+        raise click.UsageError(
+            "'--series-time-limit' needs isolation; it cannot be combined with --no-isolate"
         )
     if listen or watch:
         from edgeseg.stream.tls import TLSConfig
@@ -128,6 +151,8 @@ def run(
                 tls=tls,
                 precision=precision,
                 threads=threads,
+                isolate=not no_isolate,
+                series_time_limit=series_time_limit,
             )
         )
     if not inputs:
