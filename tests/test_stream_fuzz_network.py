@@ -342,6 +342,7 @@ def _check_outcome(out: Path, service: ServiceProcess, good_uid: str, received: 
     for text in (*reasons, service.text().decode("utf-8", "replace"), names):
         assert SENTINEL_NAME not in text and SENTINEL_ID not in text
         assert "Fuzzpatient" not in text and "Quirinus" not in text
+    assert "series_process_started" in service.text().decode()  # isolated, as by default
     crashed = sum("crashed" in r or "exited unexpectedly" in r for r in reasons)
     return {
         "series": len(series) - 1,
