@@ -235,15 +235,16 @@ def test_preprocess_oblique(gpu):
 
 
 def test_preprocess_strided_device_array(gpu):
-    """A non-contiguous device array read in place (its strides go into the index tables)."""
+    """Non-contiguous device arrays read in place (their strides go into the index tables):
+    a sliced one, and a flipped one with negative strides (CuPy's ``a[::-1]``)."""
     whole = RNG.integers(-1000, 2000, size=(11, 50, 45)).astype(np.int16)
-    view = whole[1::2, 3:43, ::2]
-    vol = _synthetic(view.shape)
-    ref = Volume(view, vol.slope, vol.intercept, vol.spacing, vol.affine)
-    dev = Volume(DeviceArray(whole, view, stream=1), vol.slope, vol.intercept, vol.spacing, vol.affine)
     spec = ModelSpec(dims=3, labels=[Label(1, "a")], intensity=[PercentileClip(2, 98)], target_spacing=(2.0, 1.2, 1.5),
                      orientation="RAS")  # fmt: skip
-    check_preprocess(gpu, "strided device array", spec, [dev], [ref])
+    for name, view in {"sliced": whole[1::2, 3:43, ::2], "flipped": whole[::-1, 2:48, ::-2]}.items():
+        vol = _synthetic(view.shape)
+        ref = Volume(np.ascontiguousarray(view), vol.slope, vol.intercept, vol.spacing, vol.affine)
+        dev = Volume(DeviceArray(whole, view, stream=1), vol.slope, vol.intercept, vol.spacing, vol.affine)
+        check_preprocess(gpu, f"strided device array {name}", spec, [dev], [ref])
 
 
 def test_preprocess_two_channels(gpu):
