@@ -590,24 +590,49 @@ def test_wrong_argument_width_fails_the_launch(gpu):
     buf.close()
 
 
-def test_free_during_capture_invalidates_it(gpu):
-    """Capture legality as the device enforces it: a cudaFree (a finalizer, say) while the stream
-    captures fails and the capture ends invalidated, so the pipeline falls back to plain launches."""
+def test_frees_during_capture_are_deferred_and_a_raw_free_invalidates_it(gpu):
+    """Capture legality as the device enforces it. The model refuses a cudaFree while the
+    thread captures and the capture ends invalidated; edgeseg's buffers (a finalizer, a buffer
+    replaced mid-program) defer theirs to the capture's end, so the capture succeeds and the
+    memory is freed right after it."""
+    from cuda.bindings import runtime as rt
+
     from edgeseg.cuda.graph import GraphRunner
     from edgeseg.cuda.memory import DeviceBuffer
 
     _, kernels, stream = gpu
-    victim = DeviceBuffer(64)
     buf = DeviceBuffer(64)
 
-    def enqueue():
+    def fill():
         kernels.launch(
             "fill_f32", 16, [ctypes.c_uint64(buf.ptr), ctypes.c_uint64(16), ctypes.c_float(2.0)], stream
         )
-        victim.close()
 
-    assert not GraphRunner(stream, enqueue).capture()
-    assert "during stream capture" in DEVICE.log[-1]
+    raw = int(rt.cudaMalloc(64)[1])
+
+    def raw_free():
+        fill()
+        rt.cudaFree(raw)
+
+    n_log = len(DEVICE.log)
+    assert not GraphRunner(stream, raw_free).capture()
+    assert any("during stream capture" in m for m in DEVICE.log[n_log:])
+    assert int(rt.cudaFree(raw)) == 0  # outside the capture the same free is fine
+
+    victim = DeviceBuffer(64)
+    victim_ptr = victim.ptr
+
+    def deferred_free():
+        fill()
+        victim.close()
+        assert victim_ptr in DEVICE.device_allocs  # not yet: the capture is open
+
+    n_log = len(DEVICE.log)
+    graph = GraphRunner(stream, deferred_free)
+    assert graph.capture()
+    assert not DEVICE.log[n_log:], DEVICE.log[n_log:]
+    assert victim_ptr not in DEVICE.device_allocs  # freed when the capture ended
+    graph.close()
     buf.close()
 
 
