@@ -204,6 +204,10 @@ def build_bundle(
         provenance.update(extra.provenance)
         warnings.extend(extra.warnings)
         timings.update(extra.timings)
+    from edgeseg.export.trt_onnx_support import check_bundle_models
+
+    # Said now, on the build machine, rather than at the first engine build on a Jetson.
+    warnings.extend(check_bundle_models(models))
     t2 = time.perf_counter()
     extra: dict[str, bytes] = {}
     accept = acceptance_inputs(spec, inputs, calibration)
