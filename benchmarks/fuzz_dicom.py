@@ -391,8 +391,11 @@ def m_transfer_syntax(rng: random.Random, data: bytes, elems: list[Elem]) -> tup
         buf = bytearray(data[: e.value_at] + new + data[e.end :])
         _put_len(buf, e, len(new))
         return bytes(buf), f"transfer syntax -> {new!r}"
-    value = (new + b"\x00" * e.length)[: e.length]  # in place: the old length kept
-    return data[: e.value_at] + value + data[e.end :], f"transfer syntax in place -> {value!r}"
+    # In place: the old length kept, but never past the file's end (an earlier mutation may have
+    # inflated the length field to gigabytes; building that value would be the fuzzer's own crash).
+    n = max(0, min(e.length, len(data) - e.value_at))
+    value = (new + b"\x00" * n)[:n]
+    return data[: e.value_at] + value + data[e.value_at + n :], f"transfer syntax in place -> {value[:64]!r}"
 
 
 def m_vr(rng: random.Random, data: bytes, elems: list[Elem]) -> tuple[bytes, str]:
