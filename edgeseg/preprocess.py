@@ -166,7 +166,7 @@ class Preprocessor:
         first = 1 if spec.dims == 2 else 0  # 2D models never pad the slice axis
         for i in range(first, 3):
             if spec.patch_size is not None:
-                out[i] = max(out[i], int(spec.patch_size[i]))
+                out[i] = max(out[i], int(spec.patch_size[i - 3 + len(spec.patch_size)]))  # 2D: (H, W)
             m = spec.divisible_by
             out[i] = -(-out[i] // m) * m
         return tuple(out)  # type: ignore[return-value]

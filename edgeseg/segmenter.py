@@ -6,6 +6,8 @@ the GPU path (:mod:`edgeseg.cuda.pipeline`: CUDA kernels + TensorRT), chosen whe
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -56,12 +58,19 @@ class Segmenter:
     Most users call :meth:`open`.
     """
 
-    def __init__(self, spec: ModelSpec, backend: Backend, *, bundle: Bundle | None = None):
+    def __init__(self, spec: ModelSpec, backend: Backend, *, bundle: Bundle | None = None, tta: bool = True):
         self.spec = spec
         self.backend = backend
         self.bundle = bundle
         self._pre = Preprocessor(spec)
         self._batch: np.ndarray | None = None
+        self.tta = tta
+        # Every non-empty combination of the spec's mirror axes (array axes of (N, C, *spatial)),
+        # in nnU-Net's order; the plain pass comes first.
+        axes = [a + 2 for a in (spec.mirror_axes or ())] if tta else []
+        self._mirrors: list[tuple[int, ...]] = [
+            c for i in range(1, len(axes) + 1) for c in itertools.combinations(axes, i)
+        ]
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -72,6 +81,7 @@ class Segmenter:
         backend: str = "auto",
         precision: str | None = None,
         threads: int | None = None,
+        tta: bool = True,
     ) -> Segmenter:
         """Open a bundle on the best (``"auto"``) or the named backend.
 
@@ -80,7 +90,8 @@ class Segmenter:
         when this host matches it, else measured here once and cached), ``"openvino"``,
         ``"onnxruntime"`` or ``"tensorrt"``. Naming a backend that cannot start raises
         :class:`BackendError` with the reason. ``precision`` defaults to the fastest one that
-        passed the gate on the chosen engine.
+        passed the gate on the chosen engine. ``tta=False`` skips the spec's test-time mirroring
+        (1 network pass per window instead of 2^len(mirror_axes)).
         """
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if backend not in BACKENDS:
@@ -111,7 +122,7 @@ class Segmenter:
             # A chosen engine that cannot start here after all: ONNX Runtime is the universal fallback.
             log.warning("%s; using ONNX Runtime", exc)
             cpu_backend = open_cpu_backend(b, "onnxruntime", precision or b.cpu_precision, threads)
-        return cls(b.spec, cpu_backend, bundle=b)
+        return cls(b.spec, cpu_backend, bundle=b, tta=tta)
 
     def close(self) -> None:
         self.backend.close()
@@ -126,6 +137,8 @@ class Segmenter:
         d = self.backend.describe()
         if self.bundle is not None:
             d["model"] = f"{self.bundle.name} {self.bundle.version}"
+        d["mirrors"] = len(self._mirrors)
+        d["ensemble"] = self.spec.ensemble
         return d
 
     # -- the work -------------------------------------------------------------------------
@@ -138,9 +151,14 @@ class Segmenter:
         """
         timer = _Timer()
         t = time.perf_counter()
+        box = None
+        if self.spec.crop_nonzero:
+            volumes, box, full = crop_to_nonzero(volumes)
         prepared = self._pre(volumes)
         t = timer.add("preprocess", t)
-        if self.spec.dims == 2:
+        if self.spec.patch_size is not None and (self.spec.dims == 2 or self.spec.window_padding == "center"):
+            grid_labels, grid_conf = self._run_sliding(prepared, timer, with_confidence)
+        elif self.spec.dims == 2:
             grid_labels, grid_conf = self._run_2d(prepared, timer, with_confidence)
         elif self.spec.patch_size is None:
             grid_labels, grid_conf = self._run_3d_whole(prepared, timer, with_confidence)
@@ -149,8 +167,85 @@ class Segmenter:
         t = time.perf_counter()
         labels = labels_to_source(grid_labels, prepared)
         conf = labels_to_source(grid_conf, prepared) if grid_conf is not None else None
+        if box is not None:
+            labels = _uncrop(labels, box, full)
+            conf = _uncrop(conf, box, full) if conf is not None else None
         timer.add("postprocess", t)
         return SegmentationResult(labels, conf, timer.ms)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        """The network on ``batch``, averaged over the spec's mirrors (unless TTA is off)."""
+        out = self.backend.infer(batch)
+        if not self._mirrors:
+            return out
+        acc = np.array(out, dtype=np.float32, copy=True)
+        for axes in self._mirrors:
+            y = self.backend.infer(np.ascontiguousarray(np.flip(batch, axes)))
+            acc += np.flip(y, axes)
+        acc *= np.float32(1.0 / (len(self._mirrors) + 1))
+        return acc
+
+    def _weights(self, patch: tuple[int, ...]) -> np.ndarray:
+        if self.spec.window_weights == "nnunet_gaussian":
+            return nnunet_gaussian(patch)
+        if len(patch) == 3:
+            return gaussian_importance(patch)
+        return gaussian_importance((1, *patch))[0]
+
+    def _run_sliding(self, prepared: Prepared, timer: _Timer, conf: bool):
+        """Sliding window over each slice (2D models) or the volume (3D), nnU-Net style when the
+        spec says so: centred padding to the patch, its Gaussian, its window starts."""
+        spec = self.spec
+        patch = tuple(int(p) for p in spec.patch_size)  # type: ignore[union-attr]
+        nd = len(patch)
+        grid = prepared.grid
+        x = prepared.array
+        # items: (n, C, *spatial) — the slices of a 2D model, the one volume of a 3D model
+        items = x[:, :, : grid[1], : grid[2]] if nd == 2 else x[None, :, : grid[0], : grid[1], : grid[2]]
+        size = items.shape[2:]
+        if spec.window_padding == "center":
+            padded = tuple(max(s, p) for s, p in zip(size, patch))
+            off = tuple((P - s) // 2 for P, s in zip(padded, size))
+            if padded != size:
+                xp = np.full((*items.shape[:2], *padded), spec.pad_value, dtype=np.float32)
+                xp[(slice(None), slice(None), *(slice(o, o + s) for o, s in zip(off, size)))] = items
+                items = xp
+        else:
+            items = x if nd == 3 else x
+            items = items[None] if nd == 3 else items
+            padded, off = items.shape[2:], (0,) * nd
+        starts = list(itertools.product(*(window_starts(P, p, spec.overlap) for P, p in zip(padded, patch))))
+        weight = self._weights(patch)
+        wsum = np.zeros(padded, dtype=np.float32)
+        for st in starts:
+            wsum[tuple(slice(a, a + p) for a, p in zip(st, patch))] += weight
+        jobs = [(i, st) for i in range(items.shape[0]) for st in starts]
+        bs = spec.batch_size
+        c_in = items.shape[1]
+        batch = np.empty((min(bs, len(jobs)), c_in, *patch), dtype=np.float32)
+        acc: np.ndarray | None = None
+        for k in range(0, len(jobs), bs):
+            group = jobs[k : k + bs]
+            t = time.perf_counter()
+            for j, (i, st) in enumerate(group):
+                batch[j] = items[(i, slice(None), *(slice(a, a + p) for a, p in zip(st, patch)))]
+            t = timer.add("preprocess", t)
+            out = self._infer(batch[: len(group)])
+            t = timer.add("infer", t)
+            if acc is None:
+                acc = np.zeros((items.shape[0], out.shape[1], *padded), dtype=np.float32)
+            for j, (i, st) in enumerate(group):
+                acc[(i, slice(None), *(slice(a, a + p) for a, p in zip(st, patch)))] += out[j] * weight
+            timer.add("postprocess", t)
+        assert acc is not None
+        t = time.perf_counter()
+        acc /= wsum
+        acc = acc[(slice(None), slice(None), *(slice(o, o + s) for o, s in zip(off, size)))]
+        # (n, K, *spatial) → (1, K, D, H, W)
+        vol = acc.transpose(1, 0, 2, 3)[None] if nd == 2 else acc
+        lab, c = to_labels(vol, spec, with_confidence=conf)
+        timer.add("postprocess", t)
+        return self._crop(lab[0], prepared), (self._crop(c[0], prepared) if c is not None else None)
 
     def _crop(self, a: np.ndarray, prepared: Prepared) -> np.ndarray:
         d, h, w = prepared.grid
@@ -165,7 +260,7 @@ class Segmenter:
         for s in range(0, n, bs):
             e = min(s + bs, n)
             t = time.perf_counter()
-            out = self.backend.infer(x[s:e])
+            out = self._infer(x[s:e])
             t = timer.add("infer", t)
             lab, c = to_labels(out, self.spec, with_confidence=conf)
             labels[s:e] = lab
@@ -177,7 +272,7 @@ class Segmenter:
 
     def _run_3d_whole(self, prepared: Prepared, timer: _Timer, conf: bool):
         t = time.perf_counter()
-        out = self.backend.infer(prepared.array[None])
+        out = self._infer(prepared.array[None])
         t = timer.add("infer", t)
         lab, c = to_labels(out, self.spec, with_confidence=conf)
         timer.add("postprocess", t)
@@ -206,7 +301,7 @@ class Segmenter:
             for j, (a, b, c) in enumerate(group):
                 self._batch[j] = x[:, a : a + patch[0], b : b + patch[1], c : c + patch[2]]
             t = timer.add("preprocess", t)
-            out = self.backend.infer(self._batch[: len(group)])
+            out = self._infer(self._batch[: len(group)])
             t = timer.add("infer", t)
             if acc is None:
                 acc = np.zeros((out.shape[1], *size), dtype=np.float32)
@@ -220,6 +315,70 @@ class Segmenter:
         lab, c = to_labels(acc[None], spec, with_confidence=conf)
         timer.add("postprocess", t)
         return self._crop(lab[0], prepared), (self._crop(c[0], prepared) if c is not None else None)
+
+
+def nnunet_gaussian(patch: tuple[int, ...]) -> np.ndarray:
+    """nnU-Net's sliding-window weights: ``scipy.ndimage.gaussian_filter`` of a delta at n//2
+    with sigma n/8 (truncated at 4 sigma), scaled to max 1, zeros raised to the smallest value."""
+    w = np.ones((), dtype=np.float64)
+    for n in patch:
+        sigma = n * 0.125
+        t = np.arange(n) - n // 2
+        g = np.exp(-0.5 * (t / sigma) ** 2)
+        g[np.abs(t) > int(4.0 * sigma + 0.5)] = 0.0
+        w = np.multiply.outer(w, g)
+    w /= w.max()
+    w[w == 0] = w[w > 0].min()
+    return w.astype(np.float32)
+
+
+def crop_to_nonzero(
+    volumes: Volume | Sequence[Volume],
+) -> tuple[list[Volume], tuple[slice, slice, slice], tuple[int, int, int]]:
+    """Crop co-registered volumes to the bounding box of voxels ≠ 0 in any of them (holes
+    filled, as nnU-Net's ``crop_to_nonzero``); returns the crops, the box and the full shape."""
+    from scipy.ndimage import binary_fill_holes
+
+    vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
+    full = vols[0].shape
+    mask = np.zeros(full, dtype=bool)
+    for v in vols:
+        mask |= v.modality_values() != 0
+    mask = binary_fill_holes(mask)
+    if not mask.any():
+        box = tuple(slice(0, n) for n in full)
+        return vols, box, full  # type: ignore[return-value]
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, full)):
+        return vols, tuple(box), full  # type: ignore[return-value]
+    z, y, xs = box
+    out = []
+    for v in vols:
+        affine = v.affine.copy()
+        affine[:3, 3] = (v.affine @ np.array([xs.start, y.start, z.start, 1.0]))[:3]
+        out.append(
+            dataclasses.replace(
+                v,
+                stored=np.ascontiguousarray(v.stored[z, y, xs]),
+                slope=v.slope[z],
+                intercept=v.intercept[z],
+                affine=affine,
+                sop_instance_uids=list(v.sop_instance_uids[z]),
+                frame_numbers=list(v.frame_numbers[z]),
+            )
+        )
+    return out, tuple(box), full  # type: ignore[return-value]
+
+
+def _uncrop(a: np.ndarray, box: tuple[slice, ...], full: tuple[int, int, int]) -> np.ndarray:
+    if a.shape == tuple(full):
+        return a
+    out = np.zeros(full, dtype=a.dtype)
+    out[box] = a
+    return out
 
 
 def gpu_available() -> bool:

@@ -143,6 +143,21 @@ class ModelSpec:
         for multimodal models, one case-insensitive regular expression per input channel matched
         against each series' SeriesDescription, e.g. ``["t1", "flair"]``: ``edgeseg run`` picks
         the matching series of each study and resamples them onto the first channel's grid.
+    mirror_axes:
+        test-time augmentation: the network's spatial axes (0 = first spatial axis of its
+        input) to mirror; every non-empty combination is run, flipped back and averaged with
+        the plain prediction (nnU-Net's mirroring). ``None``: no mirroring.
+    crop_nonzero:
+        crop the source to the bounding box of its nonzero voxels (holes filled) before
+        anything else, as nnU-Net does; labels outside the box are background.
+    window_padding:
+        where a sliding window pads an image smaller than the patch: "end" (after the data) or
+        "center" (nnU-Net: half before, half after).
+    window_weights:
+        sliding-window blending: "gaussian" (edgeseg's, centred at (n-1)/2) or
+        "nnunet_gaussian" (nnU-Net's: a filtered delta at n//2, truncated at 4 sigma).
+    ensemble:
+        how many models the (single) network averages inside its graph, for ``edgeseg info``.
     """
 
     dims: Literal[2, 3]
@@ -165,6 +180,11 @@ class ModelSpec:
     input_name: str = "image"
     output_name: str = "logits"
     channels: list[str] | None = None
+    mirror_axes: tuple[int, ...] | None = None
+    crop_nonzero: bool = False
+    window_padding: Literal["end", "center"] = "end"
+    window_weights: Literal["gaussian", "nnunet_gaussian"] = "gaussian"
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -181,8 +201,27 @@ class ModelSpec:
             value = getattr(self, name)
             if value is not None and len(value) not in (2, 3):
                 raise SpecError(f"'{name}' must have 2 or 3 entries, got {list(value)}")
-        if self.patch_size is not None and self.dims != 3:
-            raise SpecError("'patch_size' (sliding window) is for 3D models; 2D models run whole slices")
+        if self.patch_size is not None and self.dims == 2 and len(self.patch_size) != 2:
+            raise SpecError(
+                "a 2D model's 'patch_size' (sliding window over each slice) has 2 entries (H, W), "
+                f"got {list(self.patch_size)}"
+            )
+        if self.mirror_axes is not None:
+            if any(a not in range(self.dims) for a in self.mirror_axes) or len(set(self.mirror_axes)) != len(
+                self.mirror_axes
+            ):
+                raise SpecError(
+                    f"'mirror_axes' must be distinct spatial axes in 0..{self.dims - 1}, got "
+                    f"{list(self.mirror_axes)}"
+                )
+        if self.window_padding not in ("end", "center"):
+            raise SpecError(f"'window_padding' must be 'end' or 'center', got {self.window_padding!r}")
+        if self.window_weights not in ("gaussian", "nnunet_gaussian"):
+            raise SpecError(
+                f"'window_weights' must be 'gaussian' or 'nnunet_gaussian', got {self.window_weights!r}"
+            )
+        if self.ensemble < 1:
+            raise SpecError(f"'ensemble' must be ≥ 1, got {self.ensemble}")
         if not 0.0 <= self.overlap < 1.0:
             raise SpecError(f"'overlap' must be in [0, 1), got {self.overlap}")
         if self.divisible_by < 1:
@@ -272,7 +311,7 @@ class ModelSpec:
                 data["per_channel_intensity"] = [
                     [_step_from_dict(s) for s in ch] for ch in data["per_channel_intensity"]
                 ]
-            for name in ("target_spacing", "target_shape", "patch_size"):
+            for name in ("target_spacing", "target_shape", "patch_size", "mirror_axes"):
                 if data.get(name) is not None:
                     data[name] = tuple(data[name])
             return cls(**data)

@@ -16,4 +16,17 @@ $PIP install -q --no-deps "deepbet==1.0.2"
 # with a CUDA build (PlainConvUNet needs neither).
 $PIP install -q "monai>=1.4" "einops"
 $PIP install -q --no-deps "dynamic-network-architectures==0.4.4"
+# nnU-Net v2 for tests/test_nnunet_import.py (which skips without it). `pip install nnunetv2` pulls
+# timm → torchvision → a CUDA torch that replaces the CPU one: nnunetv2 itself without its
+# dependencies, the ones it needs by name. Failure-tolerant: the rest of the setup stands alone.
+if $PIP install -q --no-deps "nnunetv2==2.8.1" \
+  && $PIP install -q "acvl-utils<0.3" batchgenerators batchgeneratorsv2 SimpleITK scikit-image \
+    scikit-learn pandas tifffile imagecodecs yacs einops blosc2 graphviz seaborn requests tqdm; then
+  # nnU-Net finds trainers only in its own trainer folder: the test asset's short trainer goes there.
+  .venv/bin/python -c "import nnunetv2, shutil, pathlib; shutil.copyfile('tests/assets/nnunet/nnUNetTrainer_edgesegShort.py', pathlib.Path(nnunetv2.__path__[0]) / 'training' / 'nnUNetTrainer' / 'nnUNetTrainer_edgesegShort.py')" \
+    || echo "warning: could not install the nnU-Net test trainer" >&2
+else
+  echo "warning: nnunetv2 not installed; tests/test_nnunet_import.py will skip" >&2
+fi
+.venv/bin/python -c "import torch; print('torch', torch.__version__)"  # 2.13.0+cpu expected here
 .venv/bin/python -c "import edgeseg, onnxruntime; print('edgeseg', edgeseg.__version__, 'with onnxruntime', onnxruntime.__version__)"

@@ -41,7 +41,7 @@ def test_json_round_trip_keeps_every_field():
         (dict(orientation="RAX"), "orientation"),
         (dict(orientation="RRS"), "orientation"),
         (dict(target_spacing=(1, 1, 1), target_shape=(8, 8, 8)), "either"),
-        (dict(dims=2, patch_size=(8, 8)), "sliding window"),
+        (dict(dims=2, patch_size=(8, 8, 8)), "sliding window"),  # 2D windows are (H, W)
         (dict(overlap=1.0), "overlap"),
         (dict(labels=[Label(1, "a"), Label(1, "b")]), "distinct"),
         (dict(labels=[]), "at least one"),

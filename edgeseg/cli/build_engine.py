@@ -31,7 +31,25 @@ def _resolve_model(model: str):
 @click.option(
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bundle to write (.edgeseg)."
 )
-@click.option("--spec", "spec_path", required=True, type=click.Path(dir_okay=False), help="Model spec JSON.")
+@click.option(
+    "--spec",
+    "spec_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Model spec JSON (not for an nnU-Net results folder: its spec comes from the plans).",
+)
+@click.option(
+    "--folds",
+    default=None,
+    help="nnU-Net folder: comma list of folds to ensemble (default: every fold_* present, else all).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Choice(["final", "best"]),
+    default="final",
+    show_default=True,
+    help="nnU-Net folder: which checkpoint of each fold.",
+)
 @click.option(
     "--precision",
     default="fp32",
@@ -112,6 +130,8 @@ def build_engine(
     model,
     output,
     spec_path,
+    folds,
+    checkpoint,
     precision,
     name,
     model_version,
@@ -133,18 +153,49 @@ def build_engine(
     workspace_mb,
     as_json,
 ):
-    """Export MODEL (TorchScript file, ONNX file, or module:attr) to a bundle.
+    """Export MODEL (TorchScript file, ONNX file, module:attr, or an nnU-Net v2 results folder
+    ``…/DatasetXXX_Name/<Trainer>__<Plans>__<config>``) to a bundle.
 
+    An nnU-Net folder needs no spec: preprocessing, sliding window, mirroring and the fold
+    ensemble come from its plans, dataset.json and checkpoints (pickles: only folders you trust).
     The ONNX is checked against PyTorch on real inputs; fp16/int8 variants are made in ONNX space
     from a calibration set and refused if their Dice against fp32 falls below --min-dice.
     """
     from edgeseg.export.build import build_bundle
+    from edgeseg.export.nnunet.folder import is_nnunet_folder
     from edgeseg.run import read_any
     from edgeseg.spec import load_spec
 
     precisions = parse_list(precision, PRECISIONS, "--precision") or ["fp32"]
     if "auto" in precisions:
         precisions = ["fp32", "fp16", "int8"]
+    nnunet = is_nnunet_folder(model)
+    if nnunet:
+        if spec_path is not None:
+            raise click.UsageError("an nnU-Net results folder brings its own spec: drop --spec")
+        if calib_dirs or any(p != "fp32" for p in precisions):
+            raise click.UsageError("nnU-Net folders are built in fp32 for now (no --precision/--calib)")
+        from edgeseg.export.nnunet import build_from_nnunet
+
+        report = build_from_nnunet(
+            model,
+            output,
+            folds=[f.strip() for f in folds.split(",") if f.strip()] if folds else None,
+            checkpoint=checkpoint,
+            progress=None if as_json else (lambda msg: click.echo(f"... {msg}", err=True)),
+            name=name,
+            version=model_version,
+            description=description,
+            parity_tolerance=parity_tolerance,
+            opset=opset,
+            exporter=exporter,
+        )
+        _report(report, output, engine, workspace_mb, as_json)
+        return
+    if spec_path is None:
+        raise click.UsageError("--spec is required (except for an nnU-Net results folder)")
+    if folds is not None:
+        raise click.UsageError("--folds is for nnU-Net results folders")
     spec = load_spec(spec_path)
     resolved = _resolve_model(model)
     parity_volumes = [read_any(p) for p in parity_inputs]
@@ -185,6 +236,10 @@ def build_engine(
         force=force,
         progress=None if as_json else (lambda msg: click.echo(f"... {msg}", err=True)),
     )
+    _report(report, output, engine, workspace_mb, as_json)
+
+
+def _report(report, output, engine: bool, workspace_mb: int, as_json: bool) -> None:
     if engine:
         from edgeseg.backends.engine_cache import build_engines_for_bundle
 

@@ -1,0 +1,174 @@
+"""An nnU-Net v2 results folder → ``edgeseg build-engine`` → the same labels as ``nnUNetv2_predict``.
+
+The model is real (scripts/make_nnunet_asset.py: nnU-Net's own planning and training on MSD
+hippocampus, 2 folds); the cases are held out from its training. nnU-Net runs as the user runs
+it, ``nnUNetv2_predict`` in a subprocess, with and without TTA, one and two folds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSET = ROOT / "tests" / "assets" / "nnunet"
+DATASET = "Dataset904_Hippocampus"
+MODEL = ASSET / DATASET / "nnUNetTrainer_edgesegShort__nnUNetPlansEdgesegSmall__2d"
+SRC = ROOT.parent / "shared" / "data" / "seg" / "msd_task04_hippocampus" / "imagesTr"
+N_CASES = 4
+MIN_DICE = 0.99
+
+nnunetv2 = pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (scripts/setup.sh)")
+pytest.importorskip("dynamic_network_architectures", reason="dynamic_network_architectures missing")
+if not SRC.is_dir():
+    pytest.skip(f"{SRC} (shared test data) is not here", allow_module_level=True)
+
+from edgeseg._exceptions import ExportError  # noqa: E402
+
+
+def _install_trainer() -> None:
+    # nnUNetv2_predict looks the trainer class up in nnU-Net's own trainer folder (idempotent).
+    src = ASSET / "nnUNetTrainer_edgesegShort.py"
+    dest = Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer" / src.name
+    if not dest.exists() or dest.read_bytes() != src.read_bytes():
+        shutil.copyfile(src, dest)
+
+
+def _cases() -> list[str]:
+    held = json.loads((ASSET / "held_out.json").read_text())
+    return held[:N_CASES]
+
+
+def _pooled_dice(a: list[np.ndarray], b: list[np.ndarray], label: int) -> float:
+    inter = sum(int(np.count_nonzero((x == label) & (y == label))) for x, y in zip(a, b))
+    total = sum(int(np.count_nonzero(x == label)) + int(np.count_nonzero(y == label)) for x, y in zip(a, b))
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    _install_trainer()
+    tmp = tmp_path_factory.mktemp("nnunet")
+    results = tmp / "results"
+    shutil.copytree(ASSET / DATASET, results / DATASET)
+    inp = tmp / "in"
+    inp.mkdir()
+    for c in _cases():
+        (inp / f"{c}_0000.nii.gz").symlink_to(SRC / f"{c}.nii.gz")
+    return tmp
+
+
+def _nnunet_predict(work: Path, folds: list[str], tta: bool) -> tuple[list[np.ndarray], float]:
+    import nibabel as nib
+
+    out = work / f"nnunet_{'_'.join(folds)}_{'tta' if tta else 'plain'}"
+    env = dict(os.environ)
+    env.update(
+        nnUNet_results=str(work / "results"),
+        nnUNet_raw=str(work / "raw"),
+        nnUNet_preprocessed=str(work / "preprocessed"),
+        OMP_NUM_THREADS="2",
+    )
+    cmd = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(work / "in"), "-o", str(out)]
+    cmd += ["-d", DATASET, "-c", "2d", "-tr", "nnUNetTrainer_edgesegShort", "-p", "nnUNetPlansEdgesegSmall"]
+    cmd += ["-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+    if not tta:
+        cmd.append("--disable_tta")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    labels = [
+        np.asarray(nib.load(out / f"{c}.nii.gz").dataobj).astype(np.uint8).transpose(2, 1, 0)
+        for c in _cases()
+    ]
+    return labels, wall
+
+
+@pytest.fixture(scope="module")
+def bundles(work):
+    from click.testing import CliRunner
+
+    from edgeseg.cli.build_engine import build_engine
+    from edgeseg.export.nnunet import build_from_nnunet
+
+    both = work / "both.edgeseg"
+    res = CliRunner().invoke(build_engine, [str(MODEL), "-o", str(both)])  # no spec, no flags
+    assert res.exit_code == 0, res.output
+    one = work / "fold0.edgeseg"
+    build_from_nnunet(MODEL, one, folds=["0"], measure_engines=False)
+    return {"0": one, "0,1": both}
+
+
+def _edgeseg(bundle: Path, tta: bool) -> tuple[list[np.ndarray], float]:
+    from edgeseg import Segmenter
+    from edgeseg.nifti_input import read_nifti
+
+    t0 = time.perf_counter()
+    with Segmenter.open(bundle, backend="onnxruntime", threads=2, tta=tta) as seg:
+        labels = [seg.segment(read_nifti(SRC / f"{c}.nii.gz")).labels for c in _cases()]
+    return labels, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize(
+    "folds,tta",
+    [(["0"], True), (["0"], False), (["0", "1"], True)],
+    ids=["fold0-tta", "fold0-plain", "2folds-tta"],
+)
+def test_same_labels_as_nnunet_predict(work, bundles, folds, tta):
+    ref, t_nnunet = _nnunet_predict(work, folds, tta)
+    ours, t_edgeseg = _edgeseg(bundles[",".join(folds)], tta)
+    assert [a.shape for a in ours] == [b.shape for b in ref]
+    dice = {lab: _pooled_dice(ours, ref, lab) for lab in (1, 2)}
+    fg = sum(int(np.count_nonzero(r)) for r in ref)
+    print(
+        f"\nfolds {','.join(folds)} tta={tta}: Dice vs nnUNetv2_predict {dice}, "
+        f"foreground voxels {fg}; end to end on {N_CASES} cases: edgeseg {t_edgeseg:.2f} s, "
+        f"nnUNetv2_predict {t_nnunet:.2f} s"
+    )
+    assert fg > 0, "the reference model predicts no foreground: the comparison would be empty"
+    assert min(dice.values()) >= MIN_DICE, dice
+
+
+def test_tta_changes_the_labels(work, bundles):
+    # Mirroring must actually run: with it the labels differ from the plain pass somewhere.
+    a, _ = _edgeseg(bundles["0"], True)
+    b, _ = _edgeseg(bundles["0"], False)
+    assert any(np.any(x != y) for x, y in zip(a, b))
+
+
+def test_info_says_what_runs(bundles):
+    from edgeseg import Segmenter
+
+    with Segmenter.open(bundles["0,1"], backend="onnxruntime", threads=1) as seg:
+        d = seg.describe()
+    assert d["mirrors"] == 3 and d["ensemble"] == 2
+    assert seg.spec.crop_nonzero and seg.spec.window_padding == "center"
+
+
+def test_refusals_name_the_plan_field(tmp_path):
+    from edgeseg.export.nnunet.folder import read_folder
+    from edgeseg.export.nnunet.spec import spec_from_nnunet
+
+    nf = read_folder(MODEL)
+    plans = json.loads(json.dumps(nf.plans))
+    plans["transpose_forward"] = [2, 0, 1]
+    with pytest.raises(ExportError, match="transpose_forward"):
+        spec_from_nnunet(plans, nf.dataset_json, nf.fingerprint, "2d", (0, 1), 1)
+    plans = json.loads(json.dumps(nf.plans))
+    plans["configurations"]["2d"]["use_mask_for_norm"] = [True]
+    with pytest.raises(ExportError, match="use_mask_for_norm"):
+        spec_from_nnunet(plans, nf.dataset_json, nf.fingerprint, "2d", (0, 1), 1)
+    regions = dict(nf.dataset_json, labels={"background": 0, "whole": [1, 2], "core": 2})
+    with pytest.raises(ExportError, match="regions"):
+        spec_from_nnunet(nf.plans, regions, nf.fingerprint, "2d", (0, 1), 1)
+    with pytest.raises(ExportError, match="fold 7"):
+        read_folder(MODEL, folds=["7"])
