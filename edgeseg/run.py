@@ -33,23 +33,34 @@ class SeriesOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     series: str | None = None  # short hash of the SeriesInstanceUID
     warnings: list[str] = field(default_factory=list)
+    # Which part of a series that splits into several ("part 2/3: <why>"), None when it is one;
+    # ``part_key`` names that part in the output file names (stable across runs).
+    part: str | None = None
+    part_key: str | None = None
+    # The listener's per-series outcome of a split series: one outcome per part.
+    parts: list[SeriesOutcome] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
             "source": self.source,
             "series": self.series,
+            "part": self.part,
+            "part_key": self.part_key,
             "status": self.status,
             "error": self.error,
             "outputs": self.outputs,
             "timings_ms": {k: round(v, 2) for k, v in self.timings.items()},
             "warnings": self.warnings,
+            **({"parts": [p.to_dict() for p in self.parts]} if self.parts else {}),
         }
 
 
-def series_stem(series_uid: str | None, fallback: str) -> str:
-    """A file stem derived from the SeriesInstanceUID by hashing: no patient data in names."""
+def series_stem(series_uid: str | None, fallback: str, part_key: str = "") -> str:
+    """A file stem derived from the SeriesInstanceUID by hashing: no patient data in names.
+    Each part of a split series adds its own key, so parts never overwrite each other."""
     key = series_uid or fallback
-    return "series-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    stem = "series-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return f"{stem}-{part_key}" if part_key else stem
 
 
 @dataclass
@@ -57,6 +68,8 @@ class _Job:
     source: str
     load: object  # callable returning a Volume
     uid: str | None
+    part: str = ""
+    part_key: str = ""
 
 
 def _jobs(inputs: Sequence[str | Path], spec=None, out=None) -> Iterator[_Job | SeriesOutcome]:
@@ -93,7 +106,13 @@ def _single_jobs(inputs: Sequence[str | Path], out=None) -> Iterator[_Job | Seri
     for ref in scan.series:
         first = Path(ref.files[0])
         source = f"{first.parent} ({ref.label})" if ref.label else str(first.parent)
-        yield _Job(source, (lambda ref=ref: load_volume(ref, out=out)), ref.series_instance_uid)
+        yield _Job(
+            source,
+            (lambda ref=ref: load_volume(ref, out=out)),
+            ref.series_instance_uid,
+            ref.part,
+            ref.part_key,
+        )
 
 
 def process_volume(
@@ -105,6 +124,8 @@ def process_volume(
     source: str = "",
     stem=None,
     with_confidence: bool = False,
+    part: str = "",
+    part_key: str = "",
 ) -> SeriesOutcome:
     """Segment one loaded Volume (or the co-registered Volumes of a multimodal model, first one
     first) and write its outputs, which reference the first volume."""
@@ -112,7 +133,10 @@ def process_volume(
 
     volume = volumes[0] if isinstance(volumes, (list, tuple)) else volumes
     uid = volume.series_instance_uid or None
-    outcome = SeriesOutcome(source, "ok", series=series_stem(uid, source)[7:], warnings=list(volume.warnings))
+    outcome = SeriesOutcome(
+        source, "ok", series=series_stem(uid, source)[7:19], warnings=list(volume.warnings), part=part or None
+    )
+    outcome.part_key = part_key or None
     result = segmenter.segment(volumes, with_confidence=with_confidence)
     outcome.timings.update(result.timings)
     t = time.perf_counter()
@@ -124,7 +148,7 @@ def process_volume(
         out_dir,
         formats=tuple(formats),
         labels_spec=spec.labels,
-        stem=stem or series_stem(uid, source),
+        stem=stem or series_stem(uid, source, part_key),
         algorithm_name=bundle.name if bundle is not None else "edgeseg",
         algorithm_version=bundle.version if bundle is not None else "0",
         confidence=result.confidence,
@@ -139,15 +163,85 @@ def process_series(
 ) -> SeriesOutcome:
     """Read one series from ``files``, segment it and write the outputs to ``out_dir``.
 
+    A series that find_series splits into parts (a 3-plane localizer, the volumes of a 4D
+    series, MOSAIC instances) gets one result per part: the outcome's ``parts`` hold each part's
+    own outcome, and it is ``ok`` when at least one part was segmented.
+
     Never raises for bad input: the outcome says ``failed`` with a one-sentence error.
     """
-    from edgeseg.dicom import read_volume
+    from edgeseg.dicom import find_series
 
     files = [Path(f) for f in files]
     source = str(files[0].parent) if files else "<no files>"
+    out = getattr(segmenter, "pixel_allocator", None)
+    try:
+        scan = find_series(files)
+    except _STOP:
+        raise
+    except BaseException as exc:  # noqa: BLE001 (see _one_series)
+        return SeriesOutcome(source, "failed", error=_error_line(source, exc))
+    if len(scan.series) < 2:
+        # No part (read_volume says why) or one: the series as a whole, named as ever.
+        return _one_series(segmenter, files, scan, out_dir, formats=formats, source=source)
+    outcomes: list[SeriesOutcome] = []
+    for ref in scan.series:
+        where = f"{source} ({ref.label})" if ref.label else source
+        outcomes.append(_one_part(segmenter, ref, out_dir, formats=formats, source=where, out=out))
+    total = _split_outcome(source, outcomes)
+    if scan.rejected:
+        first = scan.rejected[0]
+        total.warnings.append(
+            f"{len(scan.rejected)} other DICOM file(s) of the series were rejected (first: {first.reason})"
+        )
+    return total
+
+
+def _split_outcome(source: str, outcomes: list[SeriesOutcome]) -> SeriesOutcome:
+    """The outcome of a split series: each part's outputs keyed ``<format>@<part key>`` (so the
+    journal records them all and the worker forwards each), each failed part's reason keyed
+    ``error@<part key>``; ``ok`` when at least one part was segmented."""
+    ok = [o for o in outcomes if o.status == "ok"]
+    total = SeriesOutcome(source, "ok" if ok else "failed", series=outcomes[0].series, parts=outcomes)
+    for o in outcomes:
+        key = o.part_key or "?"
+        for fmt, path in o.outputs.items():
+            total.outputs[f"{fmt}@{key}"] = path
+        if o.status != "ok":
+            total.outputs[f"error@{key}"] = f"{o.part}: {o.error}"
+        for k, v in o.timings.items():
+            total.timings[k] = total.timings.get(k, 0.0) + v
+        total.warnings.extend(f"{o.part}: {w}" for w in o.warnings)
+    failed = [o for o in outcomes if o.status != "ok"]
+    if not ok:
+        total.error = (
+            f"none of the {len(outcomes)} parts of the series could be segmented ({_reasons(failed)})"
+        )
+    elif failed:
+        total.warnings.append(f"{len(failed)} of {len(outcomes)} parts not segmented ({_reasons(failed)})")
+    return total
+
+
+def _reasons(failed: Sequence[SeriesOutcome]) -> str:
+    # "part 2/3: <why>: <file>: <reason>", one clause per failed part.
+    return "; ".join(f"{o.part}: {o.error}" for o in failed)
+
+
+def _one_series(segmenter, files, scan, out_dir, *, formats, source: str) -> SeriesOutcome:
+    from edgeseg.dicom import load_volume, read_volume
+
+    out = getattr(segmenter, "pixel_allocator", None)
     t = time.perf_counter()
     try:
-        volume = read_volume(files, out=getattr(segmenter, "pixel_allocator", None))
+        if not scan.series:
+            read_volume(files, out=out)  # raises the reason no series was found
+        volume = load_volume(scan.series[0], out=out)
+        if scan.rejected:
+            # As read_volume: a rejected file next to a series is most likely one of its slices.
+            first = scan.rejected[0]
+            volume.warnings.append(
+                f"{len(scan.rejected)} other DICOM file(s) in the input were rejected (first: {first.reason}); "
+                "if they belong to this series, it is incomplete"
+            )
         read_ms = (time.perf_counter() - t) * 1e3
         outcome = process_volume(segmenter, volume, Path(out_dir), formats=formats, source=source)
     except _STOP:
@@ -155,6 +249,34 @@ def process_series(
     except BaseException as exc:  # noqa: BLE001 (a listener must outlive any one series; native
         # decoders raise BaseExceptions such as pyo3's PanicException)
         return SeriesOutcome(source, "failed", error=_error_line(source, exc))
+    outcome.timings = {"read": read_ms, **outcome.timings}
+    return outcome
+
+
+def _one_part(segmenter, ref, out_dir, *, formats, source: str, out) -> SeriesOutcome:
+    from edgeseg.dicom import load_volume
+
+    series = series_stem(ref.series_instance_uid, source)[7:19]
+    t = time.perf_counter()
+    try:
+        volume = load_volume(ref, out=out)
+        read_ms = (time.perf_counter() - t) * 1e3
+        outcome = process_volume(
+            segmenter,
+            volume,
+            Path(out_dir),
+            formats=formats,
+            source=source,
+            part=ref.part,
+            part_key=ref.part_key,
+        )
+    except _STOP:
+        raise
+    except BaseException as exc:  # noqa: BLE001 (one part never costs the others)
+        error = _error_line(source, exc)
+        return SeriesOutcome(
+            source, "failed", error=error, series=series, part=ref.part or None, part_key=ref.part_key or None
+        )
     outcome.timings = {"read": read_ms, **outcome.timings}
     return outcome
 
@@ -225,6 +347,8 @@ def run_inputs(
                             formats=formats,
                             source=job.source,
                             with_confidence=with_confidence,
+                            part=job.part,
+                            part_key=job.part_key,
                         )
                         outcome.timings = {"read": read_ms, **outcome.timings}
                     except _STOP:
@@ -232,7 +356,14 @@ def run_inputs(
                     except BaseException as exc:  # noqa: BLE001 (one bad series never stops the rest)
                         err = exc
                 if err is not None:
-                    outcome = SeriesOutcome(job.source, "failed", error=_error_line(job.source, err))
+                    outcome = SeriesOutcome(
+                        job.source,
+                        "failed",
+                        error=_error_line(job.source, err),
+                        series=series_stem(job.uid, job.source)[7:19] if job.uid else None,
+                        part=job.part or None,
+                        part_key=job.part_key or None,
+                    )
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)

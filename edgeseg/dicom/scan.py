@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import stat
@@ -60,6 +61,11 @@ class SeriesRef:
     # Datasets parsed by the scan (pixel data deferred), so loading does not parse them again, and
     # the per-frame geometry the scan derived from each (with the dataset it came from), so
     # loading does not derive it again.
+    # When the series splits into parts: which one ("part 2/3: <why>") and a key that names it
+    # stably across runs (a hash of its SOP Instance UIDs and why it is a part), for output
+    # names that never collide. Both empty for a series that is one part.
+    part: str = ""
+    part_key: str = ""
     datasets: dict[Path, Dataset] = field(default_factory=dict, repr=False, compare=False)
     frame_infos: dict[Path, tuple[Dataset, list[FrameInfo]]] = field(
         default_factory=dict, repr=False, compare=False
@@ -464,6 +470,10 @@ def _group(instances: list[_Instance]) -> list[SeriesRef]:
             parts.extend(_parts_of(copy_set, f", copy {k}" if len(copy_sets) > 1 else ""))
         for index, (part, why) in enumerate(parts, 1):
             part.sort(key=lambda i: (i.instance_number, str(i.path)))
+            key = ""
+            if len(parts) > 1:
+                ident = "\n".join(sorted(i.sop_uid for i in part)) + "|" + why
+                key = hashlib.sha256(ident.encode()).hexdigest()[:8]
             refs.append(
                 SeriesRef(
                     series_instance_uid=uid,
@@ -471,6 +481,8 @@ def _group(instances: list[_Instance]) -> list[SeriesRef]:
                     files=[i.path for i in part],
                     n_instances=len(part),
                     label=_label(part[0], index, len(parts), why),
+                    part=f"part {index}/{len(parts)}: {why}" if len(parts) > 1 else "",
+                    part_key=key,
                     datasets={i.path: i.dataset for i in part if i.dataset is not None},
                     frame_infos={i.path: (i.dataset, i.infos) for i in part if i.dataset is not None},
                 )

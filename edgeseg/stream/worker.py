@@ -40,8 +40,11 @@ class Worker(PollingThread):
         Spool and journal.
     processor:
         ``processor(files, out_dir) -> Outcome``; ``status == "failed"`` quarantines the
-        series with ``error`` as the reason. An exception is taken as transient (e.g. the
-        device is busy) and retried with back-off, up to ``max_attempts``, then quarantined.
+        series with ``error`` as the reason. A series that splits into parts (a localizer's
+        planes, MOSAIC instances) has outputs keyed ``<format>@<part key>``, one per part, and
+        ``error@<part key>`` for a part that could not be segmented (recorded, not
+        quarantined). An exception is taken as transient (e.g. the device is busy) and retried
+        with back-off, up to ``max_attempts``, then quarantined.
     out_dir:
         Where outputs go.
     series_timeout_s:
@@ -49,7 +52,7 @@ class Worker(PollingThread):
     forward:
         Destinations (``AE@HOST:PORT``) each successful result's outputs are queued for.
     forward_formats:
-        Which outputs are forwarded (DICOM SEG only: PACS takes DICOM).
+        Which outputs are forwarded (DICOM SEG only: PACS takes DICOM); every part's.
     """
 
     def __init__(
@@ -137,7 +140,17 @@ class Worker(PollingThread):
             return
         latency_ms = (time.time() - claim.last_received) * 1e3
         outputs = {k: str(v) for k, v in outcome.outputs.items()}
-        forward = [(outputs[f], d) for f in self.forward_formats if f in outputs for d in self.forward]
+        for k in [k for k in outputs if k.startswith("error@")]:
+            # One part of a split series could not be segmented: its reason stays in the journal.
+            outputs[k] = _scrub(outputs[k], self.spool.root)
+            event("part_failed", logging.WARNING, series=key[:12], part=k[6:], reason=outputs[k][:300])
+        # A split series has one output per part ("seg@<part key>"): each of them goes to PACS.
+        forward = [
+            (path, d)
+            for k, path in outputs.items()
+            if k.split("@")[0] in self.forward_formats
+            for d in self.forward
+        ]
         if self.journal.finish_ok(claim, outputs, latency_ms=latency_ms, forward=forward):
             self.done += 1
             event(
