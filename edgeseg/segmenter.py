@@ -382,10 +382,19 @@ def _uncrop(a: np.ndarray, box: tuple[slice, ...], full: tuple[int, int, int]) -
 
 
 def gpu_available() -> bool:
-    """True when TensorRT and cuda-python import and a CUDA device is visible (no import of
-    either at ``import edgeseg`` time)."""
-    if not (available("tensorrt") and available("cuda")):
+    """True when cuda-python imports, a GPU engine is here (TensorRT, or ONNX Runtime with its
+    CUDA provider: onnxruntime-gpu) and a CUDA device is visible (nothing of it is imported at
+    ``import edgeseg`` time)."""
+    if not available("cuda"):
         return False
+    if not available("tensorrt"):
+        try:
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                return False
+        except Exception:
+            return False
     try:
         from edgeseg.cuda import device_count  # type: ignore[attr-defined]
 
