@@ -68,13 +68,17 @@ def dciodvfy_errors(path: str | Path) -> list[str]:
 
 
 def _reason_class(error: str) -> str:
-    """The reason without paths, UIDs and numbers, so equal reasons group together."""
+    """The reason without paths, labels, details in brackets and numbers, so that equal reasons
+    group together (the example printed keeps them)."""
     text = error
-    # Drop the leading "path: " (or "path (label): ").
-    text = re.sub(r"^\S*?/[^:]*?(\s\([^)]*\))?:\s", "", text)
-    text = re.sub(r"/\S+", "<path>", text)
+    # Drop the leading "path: " or "path (label): " (labels may hold ": " themselves).
+    m = re.match(r"^(/\S*(?: \(.*?\))?): ", text)
+    if m:
+        text = text[m.end() :]
+    text = re.sub(r"\([^()]*\)", "(…)", text)
+    text = re.sub(r"/\S+|\b[\w.-]+\.dcm\b", "<file>", text)
     text = re.sub(r"\d+(\.\d+)?", "N", text)
-    return text[:140]
+    return text[:120]
 
 
 def _cli_run(bundle: Path, inputs: list[Path], out: Path) -> dict[str, Any]:
@@ -114,26 +118,28 @@ def survey_one(bundle: Path, inputs: list[Path], out: Path, *, check_seg: bool) 
     outcomes = doc.get("outcomes", [])
     by_output: dict[str, list[int]] = defaultdict(list)
     segs: list[str] = []
-    refused: Counter[str] = Counter()
+    refused: Counter[str] = Counter()  # series parts
+    rejected: Counter[str] = Counter()  # files that are no part of any series
     examples: dict[str, str] = {}
     write_refused = 0
+    # Outcomes of series parts follow the outcomes of rejected files, in scan order.
+    n_rej = len(scan.rejected)
+    aligned = len(outcomes) == n_rej + len(scan.series)
     for i, o in enumerate(outcomes):
         if o["status"] == "ok":
             for path in o["outputs"].values():
                 by_output[path].append(i)
             if "seg" in o["outputs"]:
                 segs.append(o["outputs"]["seg"])
-        elif o["status"] == "failed":
+        elif o["status"] in ("failed", "skipped"):
             cls = _reason_class(o["error"] or "")
-            refused[cls] += 1
+            if aligned and i >= n_rej:
+                refused[cls] += 1
+                write_refused += 1
+            else:
+                cls = f"{o['status']}: {cls}"
+                rejected[cls] += 1
             examples.setdefault(cls, o["error"] or "")
-    # Outcomes of series parts follow the outcomes of rejected files, in scan order.
-    part_outcomes = (
-        outcomes[len(scan.rejected) :] if len(outcomes) == len(scan.rejected) + len(scan.series) else []
-    )
-    for o in part_outcomes:
-        if o["status"] == "failed":
-            write_refused += 1
     shared = {p: ids for p, ids in by_output.items() if len(ids) > 1}
     seg_errors: dict[str, list[str]] = {}
     if check_seg and DCIODVFY:
@@ -152,12 +158,13 @@ def survey_one(bundle: Path, inputs: list[Path], out: Path, *, check_seg: bool) 
         "skipped": sum(o["status"] == "skipped" for o in outcomes),
         "failed": sum(o["status"] == "failed" for o in outcomes),
         "parts_failed": write_refused,
-        "parts_loaded_not_written": max(0, write_refused - len(load_errors)) if part_outcomes else None,
+        "parts_loaded_not_written": max(0, write_refused - len(load_errors)) if aligned else None,
         "seg_written": len(segs),
         "seg_files": len(set(segs)),
         "shared_outputs": len(shared),
         "results_lost": sum(len(ids) - 1 for ids in shared.values()),
         "refused": dict(refused.most_common()),
+        "rejected": dict(rejected.most_common()),
         "examples": examples,
         "segs_checked": len(set(segs)) if DCIODVFY and check_seg else 0,
         "segs_with_errors": len(seg_errors),
@@ -242,9 +249,12 @@ def _print(report: dict[str, Any]) -> None:
     for path, errs in whole["dciodvfy_examples"].items():
         print(f"  {Path(path).name}: {errs[0]}")
     print()
-    print("refused with reason (whole tree):")
+    print("series parts refused, by reason (whole tree; one example each):")
     for cls, n in whole["refused"].items():
-        print(f"  {n:4d}  {whole['examples'][cls][:160]}")
+        print(f"  {n:4d}  {cls}\n        e.g. {whole['examples'][cls][:200]}")
+    print("files that are no part of a series, by reason (whole tree):")
+    for cls, n in whole["rejected"].items():
+        print(f"  {n:4d}  {cls}")
     folder_lost = {k: r["results_lost"] for k, r in report["runs"].items() if r["results_lost"]}
     if folder_lost:
         print(f"results lost per folder run: {folder_lost}")

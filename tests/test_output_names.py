@@ -88,3 +88,22 @@ def test_a_one_part_series_keeps_its_name(bundle, dicom_data, tmp_path):
     (o,) = _run(bundle, files, tmp_path / "out")
     assert Path(o["outputs"]["seg"]).name == series_stem(ref.series_instance_uid, "") + "_seg.dcm"
     assert o["part"] is None and o["part_key"] is None
+
+
+def test_the_survey_on_a_study_of_split_series(dicom_data, tmp_path):
+    """benchmarks/survey_shared_dicom.py on one real study (17 parts of localizer and angio
+    series): every part gets its own SEG, none is shared, dciodvfy finds no error."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "survey_shared_dicom.py"
+    spec = importlib.util.spec_from_file_location("survey_shared_dicom", path)
+    survey = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(survey)
+    report = tmp_path / "survey.json"
+    root = dicom_data.joinpath("pydicom", "dicomdir_series", "98892003")
+    assert survey.main(["--root", str(root), "--no-folders", "--strict", "--json", str(report)]) == 0
+    whole = json.loads(report.read_text())["runs"]["whole tree"]
+    assert whole["parts_found"] == whole["parts_loaded"] == whole["seg_written"] == whole["seg_files"] == 17
+    assert whole["results_lost"] == 0 and whole["crash"] is None
+    if survey.DCIODVFY:
+        assert whole["segs_checked"] == 17 and whole["dciodvfy_errors"] == 0
