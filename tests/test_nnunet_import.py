@@ -23,7 +23,7 @@ ASSET = ROOT / "tests" / "assets" / "nnunet"
 DATASET = "Dataset904_Hippocampus"
 MODEL = ASSET / DATASET / "nnUNetTrainer_edgesegShort__nnUNetPlansEdgesegSmall__2d"
 SRC = ROOT.parent / "shared" / "data" / "seg" / "msd_task04_hippocampus" / "imagesTr"
-N_CASES = 4
+N_CASES = 2  # nnUNetv2_predict's CPU time sets the test's length
 MIN_DICE = 0.99
 
 nnunetv2 = pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (scripts/setup.sh)")
@@ -79,6 +79,7 @@ def _nnunet_predict(work: Path, folds: list[str], tta: bool) -> tuple[list[np.nd
     )
     cmd = [str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(work / "in"), "-o", str(out)]
     cmd += ["-d", DATASET, "-c", "2d", "-tr", "nnUNetTrainer_edgesegShort", "-p", "nnUNetPlansEdgesegSmall"]
+    # one worker each for reading and writing (nnU-Net's sequential mode, -npp 0, is slower here)
     cmd += ["-f", *folds, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
     if not tta:
         cmd.append("--disable_tta")
