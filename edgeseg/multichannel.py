@@ -62,7 +62,7 @@ def multichannel_jobs(inputs: Sequence[str | Path], spec: ModelSpec) -> Iterator
     NIfTI inputs are taken as channels in the order given, ``in_channels`` files a case.
     """
     from edgeseg.dicom import find_series, load_volume
-    from edgeseg.run import SeriesOutcome
+    from edgeseg.outcome import SeriesOutcome
 
     n = spec.in_channels
     niftis = [Path(p) for p in inputs if is_nifti(p)]
