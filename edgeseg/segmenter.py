@@ -96,7 +96,10 @@ class Segmenter:
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if backend not in BACKENDS:
             raise ValueError(f"'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "tensorrt" or (backend == "auto" and gpu_available()):
+        missing = gpu_unsupported(b.spec)
+        if backend == "tensorrt" and missing:
+            raise BackendError(f"the TensorRT path does not run {missing} yet; use backend 'cpu'")
+        if not missing and (backend == "tensorrt" or (backend == "auto" and gpu_available())):
             try:
                 from edgeseg.cuda.pipeline import GpuSegmenter
 
@@ -379,6 +382,21 @@ def _uncrop(a: np.ndarray, box: tuple[slice, ...], full: tuple[int, int, int]) -
     out = np.zeros(full, dtype=a.dtype)
     out[box] = a
     return out
+
+
+def gpu_unsupported(spec: ModelSpec) -> str | None:
+    """What of ``spec`` the GPU pipeline does not implement yet (it would silently run without
+    it), or None."""
+    missing = []
+    if spec.mirror_axes:
+        missing.append("test-time mirroring (mirror_axes)")
+    if spec.crop_nonzero:
+        missing.append("crop_nonzero")
+    if spec.patch_size is not None and (spec.dims == 2 or spec.window_padding != "end"):
+        missing.append("nnU-Net-style sliding windows (2D patch_size / window_padding 'center')")
+    if spec.window_weights != "gaussian":
+        missing.append(f"window_weights {spec.window_weights!r}")
+    return ", ".join(missing) or None
 
 
 def gpu_available() -> bool:

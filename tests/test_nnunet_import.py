@@ -109,12 +109,12 @@ def bundles(work):
     return {"0": one, "0,1": both}
 
 
-def _edgeseg(bundle: Path, tta: bool) -> tuple[list[np.ndarray], float]:
+def _edgeseg(bundle: Path, tta: bool, backend: str = "onnxruntime") -> tuple[list[np.ndarray], float]:
     from edgeseg import Segmenter
     from edgeseg.nifti_input import read_nifti
 
     t0 = time.perf_counter()
-    with Segmenter.open(bundle, backend="onnxruntime", threads=2, tta=tta) as seg:
+    with Segmenter.open(bundle, backend=backend, threads=2, tta=tta) as seg:
         labels = [seg.segment(read_nifti(SRC / f"{c}.nii.gz")).labels for c in _cases()]
     return labels, time.perf_counter() - t0
 
@@ -144,6 +144,21 @@ def test_tta_changes_the_labels(work, bundles):
     a, _ = _edgeseg(bundles["0"], True)
     b, _ = _edgeseg(bundles["0"], False)
     assert any(np.any(x != y) for x, y in zip(a, b))
+
+
+def test_the_default_cpu_engine_gives_the_same_labels(bundles):
+    # backend "cpu" picks the build's fastest engine (OpenVINO here): the labels must not move.
+    a, _ = _edgeseg(bundles["0,1"], True, backend="cpu")
+    b, _ = _edgeseg(bundles["0,1"], True)
+    assert min(_pooled_dice(a, b, lab) for lab in (1, 2)) >= MIN_DICE
+
+
+def test_tensorrt_refuses_what_it_does_not_run_yet(bundles):
+    from edgeseg import Segmenter
+    from edgeseg._exceptions import BackendError
+
+    with pytest.raises(BackendError, match="mirror"):
+        Segmenter.open(bundles["0"], backend="tensorrt")
 
 
 def test_info_says_what_runs(bundles):
