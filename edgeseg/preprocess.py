@@ -9,6 +9,7 @@ labels and maps them back onto the source grid.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -277,7 +278,13 @@ def labels_to_source(labels_grid: np.ndarray, prepared: Prepared) -> np.ndarray:
 
 
 def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
-    """Gaussian weight map for sliding-window blending, max 1, no zeros."""
+    """Gaussian weight map for sliding-window blending, max 1, no zeros (read-only: one map per
+    patch size is computed once and shared, it cost a few ms per volume)."""
+    return _gaussian_importance(tuple(int(n) for n in patch), float(sigma_scale))
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian_importance(patch: tuple[int, ...], sigma_scale: float) -> np.ndarray:
     grids = []
     for n in patch:
         t = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
@@ -286,7 +293,9 @@ def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> n
     w = grids[0][:, None, None] * grids[1][None, :, None] * grids[2][None, None, :]
     w /= w.max()
     w = np.maximum(w, w[w > 0].min() if np.any(w > 0) else 1.0)
-    return np.maximum(w, 1e-3).astype(np.float32)
+    out = np.maximum(w, 1e-3).astype(np.float32)
+    out.flags.writeable = False
+    return out
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:

@@ -294,7 +294,11 @@ class Segmenter:
         ]
         weight = gaussian_importance(patch)
         acc: np.ndarray | None = None
-        wsum = np.zeros(size, dtype=np.float32)
+        # The weight sum depends only on the grid and the windows: computed once per grid size.
+        key = (size, patch, spec.overlap)
+        inv_wsum = self._inv_wsum.get(key) if hasattr(self, "_inv_wsum") else None
+        wsum = None if inv_wsum is not None else np.zeros(size, dtype=np.float32)
+        scratch: np.ndarray | None = None
         bs = spec.batch_size
         if self._batch is None or self._batch.shape[1:] != (x.shape[0], *patch) or self._batch.shape[0] < bs:
             self._batch = np.empty((bs, x.shape[0], *patch), dtype=np.float32)
@@ -308,13 +312,21 @@ class Segmenter:
             t = timer.add("infer", t)
             if acc is None:
                 acc = np.zeros((out.shape[1], *size), dtype=np.float32)
+                scratch = np.empty((out.shape[1], *patch), dtype=np.float32)
             for j, (a, b, c) in enumerate(group):
                 region = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-                acc[(slice(None), *region)] += out[j] * weight
-                wsum[region] += weight
+                np.multiply(out[j], weight, out=scratch)  # no temporary per window
+                acc[(slice(None), *region)] += scratch
+                if wsum is not None:
+                    wsum[region] += weight
             timer.add("postprocess", t)
         t = time.perf_counter()
-        acc /= wsum[None]
+        if inv_wsum is None:
+            inv_wsum = np.reciprocal(wsum)
+            if not hasattr(self, "_inv_wsum"):
+                self._inv_wsum = {}
+            self._inv_wsum = {key: inv_wsum}  # the last grid only: volumes of a stream share it
+        acc *= inv_wsum[None]
         lab, c = to_labels(acc[None], spec, with_confidence=conf)
         timer.add("postprocess", t)
         return self._crop(lab[0], prepared), (self._crop(c[0], prepared) if c is not None else None)
