@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgeseg.intensity import apply_steps
 from edgeseg.spec import Clip, PercentileClip, Scale, Window, ZScore
 
 _POINTWISE = (Window, Clip, PercentileClip, ZScore, Scale)
@@ -60,48 +61,26 @@ def intensity_by_lut(
 def apply_steps_to_histogram(values: np.ndarray, counts: np.ndarray, steps: Sequence[object]) -> np.ndarray:
     """Apply per-value ``steps`` to the distinct ``values`` (float32, modified in place) that
     occur ``counts`` times each; statistics are those of the expanded array."""
-    x = values
-    for step in steps:
-        if isinstance(step, Window):
-            lo = step.center - step.width / 2.0
-            x -= np.float32(lo)
-            x *= np.float32(1.0 / step.width)
-            np.clip(x, 0.0, 1.0, out=x)
-            if (step.out_min, step.out_max) != (0.0, 1.0):
-                x *= np.float32(step.out_max - step.out_min)
-                x += np.float32(step.out_min)
-        elif isinstance(step, Clip):
-            np.clip(x, step.low, step.high, out=x)
-        elif isinstance(step, PercentileClip):
-            lo, hi = weighted_percentiles(x, counts, step.low, step.high)
-            np.clip(x, lo, hi, out=x)
-            if step.rescale:
-                if hi > lo:
-                    x -= np.float32(lo)
-                    x *= np.float32(1.0 / (hi - lo))
-                else:
-                    x.fill(0.0)
-        elif isinstance(step, ZScore):
-            mean, std = step.mean, step.std
-            if mean is None or std is None:
-                keep = x != 0 if step.nonzero else np.ones(x.shape, bool)
-                if not counts[keep].any():
-                    keep = np.ones(x.shape, bool)
-                v, c = x[keep].astype(np.float64), counts[keep].astype(np.float64)
-                n = c.sum()
-                m = float((v * c).sum() / n)
-                mean = m if mean is None else mean
-                std = float(np.sqrt((c * (v - m) ** 2).sum() / n)) if std is None else std
-            x -= np.float32(mean)
-            x *= np.float32(1.0 / max(std, 1e-8))
-        elif isinstance(step, Scale):
-            if step.mul != 1.0:
-                x *= np.float32(step.mul)
-            if step.add != 0.0:
-                x += np.float32(step.add)
-        else:
-            raise TypeError(f"not a per-value intensity step: {step!r}")
-    return x
+    if not all(isinstance(s, _POINTWISE) for s in steps):
+        raise TypeError(f"not per-value intensity steps: {list(steps)!r}")
+    return apply_steps(
+        values,
+        steps,
+        percentiles_of=lambda x, low, high: weighted_percentiles(x, counts, low, high),
+        moments_of=lambda x, nonzero: weighted_moments(x, counts, nonzero),
+    )
+
+
+def weighted_moments(values: np.ndarray, counts: np.ndarray, nonzero: bool) -> tuple[float, float]:
+    """Mean and std (float64) of the array in which ``values[i]`` occurs ``counts[i]`` times,
+    over its nonzero values when ``nonzero`` (all of them when none is nonzero)."""
+    keep = values != 0 if nonzero else np.ones(values.shape, bool)
+    if not counts[keep].any():
+        keep = np.ones(values.shape, bool)
+    v, c = values[keep].astype(np.float64), counts[keep].astype(np.float64)
+    n = c.sum()
+    mean = float((v * c).sum() / n)
+    return mean, float(np.sqrt((c * (v - mean) ** 2).sum() / n))
 
 
 def weighted_percentiles(
