@@ -194,21 +194,11 @@ def _reasons(failed: Sequence[SeriesOutcome]) -> str:
 
 
 def _one_series(segmenter, files, scan, out_dir, *, formats, source: str) -> SeriesOutcome:
-    from edgeseg.dicom import load_volume, read_volume
+    from edgeseg.dicom.api import volume_from_scan
 
-    out = getattr(segmenter, "pixel_allocator", None)
     t = time.perf_counter()
     try:
-        if not scan.series:
-            read_volume(files, out=out)  # raises the reason no series was found
-        volume = load_volume(scan.series[0], out=out)
-        if scan.rejected:
-            # As read_volume: a rejected file next to a series is most likely one of its slices.
-            first = scan.rejected[0]
-            volume.warnings.append(
-                f"{len(scan.rejected)} other DICOM file(s) in the input were rejected (first: {first.reason}); "
-                "if they belong to this series, it is incomplete"
-            )
+        volume = volume_from_scan(scan, files, out=getattr(segmenter, "pixel_allocator", None))
         read_ms = (time.perf_counter() - t) * 1e3
         outcome = process_volume(segmenter, volume, Path(out_dir), formats=formats, source=source)
     except _STOP:

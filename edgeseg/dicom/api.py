@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgeseg._exceptions import DicomInputError
 from edgeseg.dicom.assemble import PixelsOut, load_volume
-from edgeseg.dicom.scan import find_series
+from edgeseg.dicom.scan import ScanResult, find_series
 from edgeseg.volume import Volume
 
 
@@ -27,7 +27,13 @@ def read_volume(inputs: Sequence[str | Path] | str | Path, *, out: PixelsOut = N
         When there is no usable series (the reason of the first rejected file is given) or more
         than one (their labels are listed; pass one series' files, or use find_series).
     """
-    scan = find_series(inputs)
+    return volume_from_scan(find_series(inputs), inputs, out=out)
+
+
+def volume_from_scan(
+    scan: ScanResult, inputs: Sequence[str | Path] | str | Path, *, out: PixelsOut = None
+) -> Volume:
+    """:func:`read_volume` on a scan already made of ``inputs`` (no second scan)."""
     if not scan.series:
         if scan.rejected:
             first = scan.rejected[0]
