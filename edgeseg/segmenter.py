@@ -65,6 +65,7 @@ class Segmenter:
         self._pre = Preprocessor(spec)
         self._batch: np.ndarray | None = None
         self.tta = tta
+        self._inv_wsum: dict[tuple, np.ndarray] = {}  # 1 / sliding-window weight sum, per grid
         # Every non-empty combination of the spec's mirror axes (array axes of (N, C, *spatial)),
         # in nnU-Net's order; the plain pass comes first.
         axes = [a + 2 for a in (spec.mirror_axes or ())] if tta else []
@@ -296,7 +297,7 @@ class Segmenter:
         acc: np.ndarray | None = None
         # The weight sum depends only on the grid and the windows: computed once per grid size.
         key = (size, patch, spec.overlap)
-        inv_wsum = self._inv_wsum.get(key) if hasattr(self, "_inv_wsum") else None
+        inv_wsum = self._inv_wsum.get(key)
         wsum = None if inv_wsum is not None else np.zeros(size, dtype=np.float32)
         scratch: np.ndarray | None = None
         bs = spec.batch_size
@@ -323,8 +324,6 @@ class Segmenter:
         t = time.perf_counter()
         if inv_wsum is None:
             inv_wsum = np.reciprocal(wsum)
-            if not hasattr(self, "_inv_wsum"):
-                self._inv_wsum = {}
             self._inv_wsum = {key: inv_wsum}  # the last grid only: volumes of a stream share it
         acc *= inv_wsum[None]
         lab, c = to_labels(acc[None], spec, with_confidence=conf)
