@@ -6,14 +6,20 @@ Conventions (the CUDA kernels implement exactly the same):
   model's axes (D, H, W) point along the spec's anatomical orientation;
 * resampling is separable and edge-aligned (``align_corners=False``):
   ``src = (dst + 0.5) * n_in / n_out - 0.5`` clamped to ``[0, n_in - 1]`` for linear, and
-  ``i = min(floor((dst + 0.5) * n_in / n_out), n_in - 1)`` for nearest ("nearest-exact").
+  ``i = min(floor((dst + 0.5) * n_in / n_out), n_in - 1)`` for nearest ("nearest-exact");
+  cubic (nnU-Net's order 3, :mod:`edgeseg.resample_spline`) samples its spline at the same
+  ``src``, then clips to the input's range as skimage does; nearest is also scipy's order 0.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edgeseg.spec import ModelSpec
 
 # LPS axis and sign of each orientation letter: the direction in which an axis *increases*.
 _LETTER = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
@@ -134,6 +140,82 @@ def resample(array: np.ndarray, out_shape: tuple[int, ...], mode: str, axes: tup
     for i in order:
         out = resample_axis(out, axes[i], int(out_shape[i]), mode)
     return out
+
+
+def lowres_axis(spacing: tuple[float, ...], other: tuple[float, ...], threshold: float = 3.0) -> int | None:
+    """nnU-Net's separate-z rule (``determine_do_sep_z_and_axis``, ``force_separate_z=None``):
+    when ``spacing`` (else ``other``) is anisotropic, max/min > ``threshold``, the one axis with
+    its largest spacing; None when neither is, or when the largest spacing is shared by 2 axes."""
+    for sp in (spacing, other):
+        a = np.asarray(sp, dtype=np.float64)
+        if a.max() / a.min() > threshold:
+            axes = np.flatnonzero(a.max() / a == 1)
+            return int(axes[0]) if len(axes) == 1 else None
+    return None
+
+
+def resample_image(
+    array: np.ndarray,
+    out_shape: tuple[int, ...],
+    mode: str,
+    axes: tuple[int, ...],
+    lowres: int | None = None,
+) -> np.ndarray:
+    """:func:`resample` with ``mode`` "linear", "nearest" or "cubic", and nnU-Net's separate
+    low-resolution axis: ``lowres`` (an array axis among ``axes``, or None) goes nearest.
+
+    Cubic clips to the input's range like skimage's ``resize`` (``clip=True``): over the whole
+    array (one channel), or per slice along ``lowres`` when nnU-Net resizes slice by slice.
+    """
+    if mode != "cubic":
+        if lowres not in axes or mode == "nearest":
+            return resample(array, out_shape, mode, axes)
+        inplane = tuple(i for i, a in enumerate(axes) if a != lowres)
+        out = resample(array, tuple(out_shape[i] for i in inplane), mode, tuple(axes[i] for i in inplane))
+        return resample_axis(out, lowres, int(out_shape[axes.index(lowres)]), "nearest")
+    from edgeseg.resample_spline import cubic_axis
+
+    todo = [(a, int(n)) for a, n in zip(axes, out_shape) if a != lowres and array.shape[a] != int(n)]
+    if not todo:
+        out = array
+    else:
+        others = tuple(a for a in range(array.ndim) if a != lowres)
+        lo = np.min(array, axis=others if lowres is not None else None, keepdims=True)
+        hi = np.max(array, axis=others if lowres is not None else None, keepdims=True)
+        # the axis that shrinks most first, as resample does: smaller intermediates
+        out = array
+        for a, n in sorted(todo, key=lambda t: t[1] / max(array.shape[t[0]], 1)):
+            out = cubic_axis(out, a, n)
+        np.clip(out, lo.astype(np.float32), hi.astype(np.float32), out=out)
+    if lowres in axes:  # a separate axis outside ``axes`` (a 2D model's slices) only sets the clip
+        out = resample_axis(out, lowres, int(out_shape[axes.index(lowres)]), "nearest")
+    return out
+
+
+def image_lowres_axis(spec: ModelSpec, spacing: tuple[float, float, float]) -> int | None:
+    """The model axis a spec resamples separately (nearest) for an image of model-axis
+    ``spacing``, or None: nnU-Net's rule on (source spacing, target spacing)."""
+    if not spec.separate_lowres_axis:
+        return None
+    return lowres_axis(spacing, _target_spacing(spec, spacing), spec.anisotropy_threshold)
+
+
+def output_lowres_axis(spec: ModelSpec, spacing: tuple[float, float, float]) -> int | None:
+    """The same for the way back (model grid → source): nnU-Net asks the model spacing first."""
+    if not spec.separate_lowres_axis:
+        return None
+    return lowres_axis(_target_spacing(spec, spacing), spacing, spec.anisotropy_threshold)
+
+
+def _target_spacing(spec: ModelSpec, spacing: tuple[float, float, float]) -> tuple[float, ...]:
+    # A 2D model keeps the slice spacing, as nnU-Net's 2d configurations do; without a target
+    # spacing (target_shape, or none) only the source spacing decides.
+    tsp = spec.target_spacing
+    if tsp is None:
+        return tuple(spacing)
+    if spec.dims == 2 or len(tsp) == 2:
+        return (spacing[0], *tsp[-2:])
+    return tuple(tsp)
 
 
 def spacing_to_shape(

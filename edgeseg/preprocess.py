@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeseg._exceptions import SpecError
-from edgeseg.geometry import Orientation, orientation_for, resample, spacing_to_shape
+from edgeseg.geometry import (
+    Orientation,
+    image_lowres_axis,
+    orientation_for,
+    output_lowres_axis,
+    resample,
+    resample_image,
+    spacing_to_shape,
+)
 from edgeseg.intensity import apply_intensity, gaussian_filter, gaussian_kernel, percentiles  # noqa: F401 (public here)
 from edgeseg.intensity_lut import intensity_by_lut, lut_applies
 from edgeseg.spec import ModelSpec
@@ -41,6 +49,7 @@ class Prepared:
     oriented: tuple[int, int, int]
     source_shape: tuple[int, int, int]
     orientation: Orientation
+    spacing: tuple[float, float, float] | None = None  # the source's, in model axes
 
 
 class Preprocessor:
@@ -107,7 +116,7 @@ class Preprocessor:
                 buf[c, : grid[0], : grid[1], : grid[2]] = x
             else:
                 buf[: grid[0], c, : grid[1], : grid[2]] = x
-        return Prepared(buf, grid, oriented, vols[0].shape, orient)
+        return Prepared(buf, grid, oriented, vols[0].shape, orient, orient.model_spacing(vols[0].spacing))
 
     def _channel(
         self, vol: Volume, orient: Orientation, grid: tuple[int, int, int], steps: list[object]
@@ -115,11 +124,12 @@ class Preprocessor:
         axes = (1, 2) if self.spec.dims == 2 else (0, 1, 2)
         out_shape = tuple(grid[a] for a in axes)
         mode = self.spec.interpolation
+        low = image_lowres_axis(self.spec, orient.model_spacing(vol.spacing))  # nnU-Net's separate z
         uniform = bool(np.all(vol.slope == vol.slope[0]) and np.all(vol.intercept == vol.intercept[0]))
         if uniform:
             # Rescale is one affine map, which commutes with resampling: resample the stored
             # values (2 bytes a voxel, usually a smaller grid) and rescale only the result.
-            x = resample(orient.to_model(vol.stored), out_shape, mode, axes)
+            x = resample_image(orient.to_model(vol.stored), out_shape, mode, axes, low)
             if lut_applies(x, steps):  # still stored integers: the steps run on their histogram
                 return intensity_by_lut(x, float(vol.slope[0]), float(vol.intercept[0]), steps)
             x = np.array(x, dtype=np.float32, copy=True, order="C")
@@ -128,7 +138,7 @@ class Preprocessor:
             if vol.intercept[0] != 0.0:
                 x += np.float32(vol.intercept[0])
         else:
-            x = resample(orient.to_model(vol.modality_values()), out_shape, mode, axes)
+            x = resample_image(orient.to_model(vol.modality_values()), out_shape, mode, axes, low)
             x = np.array(x, dtype=np.float32, copy=True, order="C")
         return apply_intensity(x, steps)
 
@@ -179,6 +189,15 @@ def to_labels(
         labels[probs[:, c] > spec.threshold] = lab.value
     conf = np.rint(probs.max(axis=1) * 255.0).astype(np.uint8) if with_confidence else None
     return labels, conf
+
+
+def output_to_source_grid(output: np.ndarray, prepared: Prepared, spec: ModelSpec) -> np.ndarray:
+    """(N, K, D, H, W) network output on the unpadded model grid → on the oriented source grid
+    when the spec resamples the output linearly (nnU-Net's order 1 on its logits), else as is."""
+    if spec.output_interpolation != "linear" or output.shape[2:] == tuple(prepared.oriented):
+        return output
+    low = output_lowres_axis(spec, prepared.spacing) if prepared.spacing is not None else None
+    return resample_image(output, prepared.oriented, "linear", (2, 3, 4), None if low is None else low + 2)
 
 
 def labels_to_source(labels_grid: np.ndarray, prepared: Prepared) -> np.ndarray:

@@ -24,6 +24,7 @@ from edgeseg.preprocess import (
     Preprocessor,
     gaussian_importance,
     labels_to_source,
+    output_to_source_grid,
     to_labels,
     window_starts,
 )
@@ -247,8 +248,11 @@ class Segmenter:
         acc = acc[(slice(None), slice(None), *(slice(o, o + s) for o, s in zip(off, size)))]
         # (n, K, *spatial) → (1, K, D, H, W)
         vol = acc.transpose(1, 0, 2, 3)[None] if nd == 2 else acc
+        vol = output_to_source_grid(vol, prepared, spec)  # nnU-Net: its logits back with order 1
         lab, c = to_labels(vol, spec, with_confidence=conf)
         timer.add("postprocess", t)
+        if spec.output_interpolation == "linear":  # on the oriented source grid already
+            return lab[0], (c[0] if c is not None else None)
         return self._crop(lab[0], prepared), (self._crop(c[0], prepared) if c is not None else None)
 
     def _crop(self, a: np.ndarray, prepared: Prepared) -> np.ndarray:
@@ -407,6 +411,8 @@ def gpu_unsupported(spec: ModelSpec) -> str | None:
         missing.append("nnU-Net-style sliding windows (2D patch_size / window_padding 'center')")
     if spec.window_weights != "gaussian":
         missing.append(f"window_weights {spec.window_weights!r}")
+    if spec.interpolation == "cubic" or spec.separate_lowres_axis or spec.output_interpolation != "nearest":
+        missing.append("nnU-Net's resampling (cubic, separate_lowres_axis, output_interpolation)")
     return ", ".join(missing) or None
 
 

@@ -123,7 +123,19 @@ class ModelSpec:
         resample the whole volume to this (D, H, W) shape (``None``: keep). For 2D models only
         (H, W) is used. Mutually exclusive with ``target_spacing``.
     interpolation:
-        "linear" or "nearest" for the image; labels always go back with nearest.
+        "linear", "nearest" or "cubic" for the image. "cubic" is nnU-Net's order 3 (skimage's
+        ``resize``: a cubic B-spline with prefilter, edge mode, clipped to the input's range).
+    separate_lowres_axis:
+        nnU-Net's "separate z": when the source (else the target) spacing is anisotropic, its
+        largest over smallest above ``anisotropy_threshold``, and one axis alone has the
+        largest spacing, that axis is resampled nearest and the others with ``interpolation``
+        (for the image, and with ``output_interpolation`` for the output). False: never.
+    anisotropy_threshold:
+        the ratio for ``separate_lowres_axis`` (nnU-Net's ANISO_THRESHOLD, 3).
+    output_interpolation:
+        how the output returns to the source grid: "nearest" resamples the labels; "linear"
+        resamples the network's (averaged) output before argmax/threshold, as nnU-Net does
+        with its logits (order 1).
     patch_size:
         3D sliding window patch (D, H, W); ``None`` runs the whole (padded) volume at once.
     overlap:
@@ -168,7 +180,10 @@ class ModelSpec:
     orientation: str | None = None
     target_spacing: tuple[float, ...] | None = None
     target_shape: tuple[int, ...] | None = None
-    interpolation: Literal["linear", "nearest"] = "linear"
+    interpolation: Literal["linear", "nearest", "cubic"] = "linear"
+    separate_lowres_axis: bool = False
+    anisotropy_threshold: float = 3.0
+    output_interpolation: Literal["nearest", "linear"] = "nearest"
     patch_size: tuple[int, ...] | None = None
     overlap: float = 0.5
     divisible_by: int = 1
@@ -214,6 +229,23 @@ class ModelSpec:
                     f"'mirror_axes' must be distinct spatial axes in 0..{self.dims - 1}, got "
                     f"{list(self.mirror_axes)}"
                 )
+        if self.interpolation not in ("linear", "nearest", "cubic"):
+            raise SpecError(
+                f"'interpolation' must be 'linear', 'nearest' or 'cubic', got {self.interpolation!r}"
+            )
+        if self.output_interpolation not in ("nearest", "linear"):
+            raise SpecError(
+                f"'output_interpolation' must be 'nearest' or 'linear', got {self.output_interpolation!r}"
+            )
+        if self.output_interpolation == "linear" and not (
+            self.patch_size is not None and (self.dims == 2 or self.window_padding == "center")
+        ):
+            raise SpecError(
+                "'output_interpolation' 'linear' needs the nnU-Net-style sliding window (a 2D "
+                "'patch_size', or a 3D one with window_padding 'center')"
+            )
+        if not self.anisotropy_threshold >= 1.0:
+            raise SpecError(f"'anisotropy_threshold' must be ≥ 1, got {self.anisotropy_threshold}")
         if self.window_padding not in ("end", "center"):
             raise SpecError(f"'window_padding' must be 'end' or 'center', got {self.window_padding!r}")
         if self.window_weights not in ("gaussian", "nnunet_gaussian"):

@@ -46,6 +46,10 @@ def test_json_round_trip_keeps_every_field():
         (dict(labels=[Label(1, "a"), Label(1, "b")]), "distinct"),
         (dict(labels=[]), "at least one"),
         (dict(in_channels=2, per_channel_intensity=[[ZScore()]]), "per_channel_intensity"),
+        (dict(interpolation="quintic"), "'interpolation'"),
+        (dict(output_interpolation="cubic"), "'output_interpolation'"),
+        (dict(output_interpolation="linear"), "sliding window"),  # only the nnU-Net window does it
+        (dict(anisotropy_threshold=0.5), "anisotropy_threshold"),
     ],
 )
 def test_invalid_specs_are_refused_with_the_field_named(kw, words):
@@ -71,3 +75,24 @@ def test_load_spec_errors_name_the_file(tmp_path):
         load_spec(str(bad))
     with pytest.raises(SpecError, match="cannot read"):
         load_spec(str(tmp_path / "missing.json"))
+
+
+def test_nnunet_resampling_fields_round_trip_and_old_specs_keep_linear():
+    s = _spec(
+        patch_size=(32, 32, 32),
+        window_padding="center",
+        interpolation="cubic",
+        separate_lowres_axis=True,
+        anisotropy_threshold=2.5,
+        output_interpolation="linear",
+    )
+    assert ModelSpec.from_json(s.to_json()) == s
+    old = _spec().to_dict()  # a bundle written before these fields existed
+    for name in ("separate_lowres_axis", "anisotropy_threshold", "output_interpolation"):
+        del old[name]
+    back = ModelSpec.from_dict(old)
+    assert (back.interpolation, back.separate_lowres_axis, back.output_interpolation) == (
+        "linear",
+        False,
+        "nearest",
+    )

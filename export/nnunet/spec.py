@@ -10,9 +10,10 @@ preprocessing/preprocessors/default_preprocessor.py), in order, and where it lan
   foreground 0.5/99.5 percentiles + ZScore with its mean/std; RescaleTo01 → min/max rescale;
   RGBTo01 → x/255; NoNormalization → nothing. ZScore *with* mask leaves the outside at 0, which
   edgeseg's ZScore does not: refused.
-- resampling to the configuration's spacing: ``target_spacing``. nnU-Net resamples images with
-  order 3 (separate low-resolution axis when anisotropic); edgeseg resamples linearly, so labels
-  are identical only where no resampling happens (input spacing = plans spacing); the build says so.
+- resampling to the configuration's spacing: ``target_spacing``, with the plans' orders:
+  images order 3 → ``interpolation`` "cubic", the logits back to the source grid order 1 →
+  ``output_interpolation`` "linear", ``force_separate_z`` None → ``separate_lowres_axis``
+  (order_z 0: nearest along that axis). Other resampling functions or orders are refused.
 - sliding window: patch size, step 0.5, centred padding, nnU-Net's Gaussian.
 - mirroring axes from the checkpoint: ``mirror_axes``; folds averaged (logits) in the graph.
 - argmax; labels from dataset.json (regions are refused).
@@ -113,6 +114,29 @@ def _intensity(cfg: dict[str, Any], name: str, channel: int, fingerprint: dict[s
     )
 
 
+def _resampling(cfg: dict[str, Any], name: str, what: str, modes: dict[int, str]) -> tuple[str, bool, float]:
+    """(interpolation, separate low-resolution axis, threshold) of the plans' ``what`` resampling."""
+    field = f"plans field configurations.{name}.resampling_fn_{what}"
+    fn = cfg.get(f"resampling_fn_{what}", "resample_data_or_seg_to_shape")
+    if fn != "resample_data_or_seg_to_shape":
+        raise ExportError(f"{field} is {fn!r}: only nnU-Net's default resampling is translated")
+    kw = cfg.get(f"resampling_fn_{what}_kwargs") or {}
+    order = int(kw.get("order", 3 if what == "data" else 1))
+    if order not in modes:
+        raise ExportError(
+            f"{field}_kwargs.order is {order}: edgeseg translates order "
+            + " or ".join(str(o) for o in sorted(modes))
+            + " here"
+        )
+    if int(kw.get("order_z", 0)) != 0:
+        raise ExportError(f"{field}_kwargs.order_z is {kw['order_z']}: only 0 (nearest) is supported")
+    force = kw.get("force_separate_z")
+    if force is True:
+        raise ExportError(f"{field}_kwargs.force_separate_z is true: only None (nnU-Net's rule) or false")
+    threshold = float(kw.get("separate_z_anisotropy_threshold", 3.0))
+    return modes[order], force is None, threshold
+
+
 def spec_from_nnunet(
     plans: dict[str, Any],
     dataset_json: dict[str, Any],
@@ -145,12 +169,15 @@ def spec_from_nnunet(
     n_in = max(1, len(channels))
     steps = [_intensity(cfg, configuration, c, fingerprint) for c in range(n_in)]
     spacing = tuple(float(s) for s in cfg["spacing"])
-    notes.append(
-        "images are resampled linearly where nnU-Net uses order "
-        f"{(cfg.get('resampling_fn_data_kwargs') or {}).get('order', 3)}: labels are identical to "
-        "nnU-Net's where the input spacing equals the plans' spacing "
-        f"{list(spacing)}, close otherwise"
+    image_mode, separate, threshold = _resampling(cfg, configuration, "data", {3: "cubic", 1: "linear"})
+    output_mode, separate_out, _ = _resampling(
+        cfg, configuration, "probabilities", {1: "linear", 0: "nearest"}
     )
+    if separate_out != separate:
+        raise ExportError(
+            f"plans field configurations.{configuration}.resampling_fn_probabilities_kwargs."
+            "force_separate_z differs from resampling_fn_data_kwargs': edgeseg has one rule for both"
+        )
     axes = tuple(int(a) for a in mirror_axes) if mirror_axes else None
     spec = ModelSpec(
         dims=dims,  # type: ignore[arg-type]
@@ -160,7 +187,10 @@ def spec_from_nnunet(
         per_channel_intensity=steps if n_in > 1 else None,
         orientation=None,
         target_spacing=spacing,
-        interpolation="linear",
+        interpolation=image_mode,  # type: ignore[arg-type]
+        separate_lowres_axis=separate,
+        anisotropy_threshold=threshold,
+        output_interpolation=output_mode,  # type: ignore[arg-type]
         patch_size=patch,
         overlap=0.5,
         divisible_by=1,
