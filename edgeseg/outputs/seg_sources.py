@@ -95,6 +95,8 @@ class SegSources:
     plane_orientation: Any | None
     pixel_measures: Any | None
     has_frame_of_reference: bool
+    # Enhanced multi-frame: the source frame number (1-based) of each plane; None otherwise.
+    frame_numbers: list[int] | None = None
 
 
 def seg_sources(volume: Volume, segment_numbers: np.ndarray, empty: bool) -> SegSources:
@@ -284,8 +286,10 @@ def _multiframe(
     orientation = hd.PlaneOrientationSequence(coordinate_system=coords, image_orientation=iop)
     measures = hd.PixelMeasuresSequence(pixel_spacing=spacing, slice_thickness=thickness)
     if empty:
-        return SegSources([view], segment_numbers[:1], plane_positions[:1], orientation, measures, True)
-    return SegSources([view], segment_numbers, plane_positions, orientation, measures, True)
+        return SegSources(
+            [view], segment_numbers[:1], plane_positions[:1], orientation, measures, True, frames[:1]
+        )
+    return SegSources([view], segment_numbers, plane_positions, orientation, measures, True, frames)
 
 
 def _mosaic(volume: Volume, source, segment_numbers: np.ndarray, empty: bool) -> SegSources:
