@@ -115,7 +115,7 @@ def build_bundle(
     parity_volumes: Sequence[Volume] | None = None,
     parity_tolerance: float = 1e-2,
     opset: int = 17,
-    exporter: str = "torchscript",
+    exporter: str = "auto",
     precisions: Sequence[str] = ("fp32",),
     calibration: Any = None,
     gate: dict[str, Any] | None = None,
@@ -144,11 +144,10 @@ def build_bundle(
 
     from edgeseg.export.bundle_writer import write_bundle as _write
     from edgeseg.export.onnx_export import (
-        check_parity,
         example_shape,
+        export_checked,
         load_torch_model,
         onnx_from_file,
-        torch_to_onnx,
     )
 
     timings: dict[str, float] = {}
@@ -173,12 +172,23 @@ def build_bundle(
                 "parity checked on a random input: pass real images (--parity-input) for a real check"
             )
         model = load_torch_model(model)
-        fp32 = torch_to_onnx(model, example, spec, opset=opset, exporter=exporter)
-        timings["export"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        report = check_parity(model, fp32, inputs, spec, tolerance=parity_tolerance)
-        timings["parity"] = time.perf_counter() - t1
+        result = export_checked(
+            model, example, inputs, spec, opset=opset, exporter=exporter, tolerance=parity_tolerance
+        )
+        fp32, report = result.onnx, result.parity
+        timings["export_and_parity"] = time.perf_counter() - t0
         parity = report.to_dict()
+        export_record = {"exporter": result.exporter, "requested": exporter}
+        if result.fallback_reason:
+            export_record["fallback_reason"] = result.fallback_reason
+        if result.scripted:
+            export_record["fallback_reason"] = "a TorchScript model: torch.export cannot take it"
+        if progress:
+            how = "torch.export (dynamo)" if result.exporter == "dynamo" else "the TorchScript exporter"
+            why = export_record.get("fallback_reason")
+            progress(f"ONNX exported through {how}" + (f" ({why})" if why else ""))
+        if result.fallback_reason:  # dynamo was tried and not kept: worth a warning
+            warnings.append(f"exported with TorchScript, not torch.export: {result.fallback_reason}")
         if not report.passed:
             raise ExportError(
                 f"the ONNX model disagrees with PyTorch: max relative error {report.max_rel:.2e} "
@@ -189,6 +199,8 @@ def build_bundle(
     accuracy: dict[str, Any] = {}
     runtime = {"cpu_precision": "fp32"}
     provenance: dict[str, Any] = {"parity": parity, "source": "onnx" if is_onnx else "torch"}
+    if not is_onnx:
+        provenance["export"] = export_record
     wanted = [p for p in precisions if p != "fp32"]
     if wanted:
         try:

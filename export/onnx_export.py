@@ -3,6 +3,12 @@
 Accepts an ``nn.Module``, a TorchScript file (``.pt``/``.ts``/``.pth`` saved with
 ``torch.jit.save``) or an ONNX file. The ONNX gets a dynamic batch axis; spatial sizes stay as
 exported (dynamic spatial sizes cost TensorRT tactics and are rarely needed at the edge).
+
+Two exporters: "dynamo" (``torch.onnx.export(dynamo=True)``, torch.export based: the default
+since torch 2.9, while torch 2.13 deprecates ``torch.jit.*``) and "torchscript" (the tracing
+exporter, the only one a TorchScript model can take). :func:`export_checked` with "auto" tries
+dynamo first and keeps it when it passes the parity check, else falls back to torchscript, and
+says which one it used and why.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from edgeseg.spec import ModelSpec
 log = logging.getLogger("edgeseg.export")
 
 DEFAULT_OPSET = 17
+DYNAMO_MIN_OPSET = 18  # below 18 torch.onnx converts versions afterwards, which may fail
+EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 @dataclass
@@ -35,9 +43,22 @@ class ParityReport:
     tolerance: float
     min_label_agreement: float
     passed: bool
+    exporter: str | None = None  # which exporter made the ONNX that was checked
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class ExportResult:
+    """The checked ONNX of :func:`export_checked`, the exporter that made it and, when "auto"
+    did not keep dynamo, why."""
+
+    onnx: bytes
+    parity: ParityReport
+    exporter: str
+    fallback_reason: str | None = None  # why dynamo was not kept (None: kept, or not tried)
+    scripted: bool = False  # a TorchScript model: the TorchScript exporter is its only way
 
 
 def load_torch_model(model: Any):
@@ -52,9 +73,10 @@ def load_torch_model(model: Any):
             import warnings
 
             with warnings.catch_warnings():
-                warnings.simplefilter(
-                    "ignore", FutureWarning
-                )  # "jit.load is deprecated": still the format users have
+                # "torch.jit.load is deprecated" (Future- or DeprecationWarning by torch version):
+                # still the format users have, and the TorchScript exporter is its only way out
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
                 return torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as exc:
             raise ExportError(
@@ -102,18 +124,26 @@ def torch_to_onnx(
     x = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32))
     buf = io.BytesIO()
     names = {"input_names": [spec.input_name], "output_names": [spec.output_name]}
+    if exporter not in ("dynamo", "torchscript"):
+        raise ValueError(f"'exporter' must be 'dynamo' or 'torchscript', got {exporter!r}")
     try:
         if exporter == "dynamo":
+            import warnings
+
             batch = torch.export.Dim("batch", min=1, max=1024)
-            prog = torch.onnx.export(
-                module,
-                (x,),
-                dynamo=True,
-                opset_version=max(opset, 18),
-                external_data=False,
-                dynamic_shapes=({0: batch},),
-                **names,
-            )
+            with warnings.catch_warnings(), _quiet("torch.onnx", "torch.export", "torch._export"):
+                # torch's internal FutureWarnings and "torchvision is not installed" notes
+                warnings.simplefilter("ignore")
+                prog = torch.onnx.export(
+                    module,
+                    (x,),
+                    dynamo=True,
+                    opset_version=max(opset, DYNAMO_MIN_OPSET),
+                    external_data=False,
+                    dynamic_shapes=({0: batch},),
+                    verbose=False,
+                    **names,
+                )
             prog.save(buf)  # type: ignore[union-attr]
         else:
             axes = {spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}}
@@ -138,6 +168,79 @@ def torch_to_onnx(
     if not data:
         raise ExportError("ONNX export produced an empty model")
     return _single_output(data, spec)
+
+
+class _quiet:
+    """Raise the named loggers to ERROR for the duration (torch logs warnings through logging)."""
+
+    def __init__(self, *names: str):
+        self._loggers = [logging.getLogger(n) for n in names]
+        self._levels: list[int] = []
+
+    def __enter__(self) -> None:
+        self._levels = [lg.level for lg in self._loggers]
+        for lg in self._loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for lg, level in zip(self._loggers, self._levels):
+            lg.setLevel(level)
+
+
+def export_checked(
+    model: Any,
+    example: np.ndarray,
+    inputs: list[np.ndarray],
+    spec: ModelSpec,
+    *,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    tolerance: float = 1e-2,
+) -> ExportResult:
+    """Export and check parity against PyTorch on ``inputs``.
+
+    ``exporter`` "auto": dynamo, kept when its export succeeds and passes parity; otherwise the
+    TorchScript exporter (a TorchScript model goes there directly: torch.export cannot take it).
+    "dynamo"/"torchscript": that one only. The result's parity may not have passed (the caller
+    decides); its ``exporter`` says which one made the ONNX.
+    """
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"'exporter' must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    module = load_torch_model(model)
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    if exporter == "dynamo" and scripted:
+        raise ExportError(
+            "a TorchScript model cannot go through torch.export (exporter 'dynamo'); use 'torchscript' "
+            "or 'auto', or pass the nn.Module from Python"
+        )
+    if exporter == "auto":
+        order = ["torchscript"] if scripted else ["dynamo", "torchscript"]
+    else:
+        order = [exporter]
+    reasons: list[str] = []
+    for i, name in enumerate(order):
+        last = i == len(order) - 1
+        try:
+            data = torch_to_onnx(module, example, spec, opset=opset, exporter=name)
+        except ExportError as exc:
+            if last:
+                if reasons:
+                    raise ExportError(f"{exc} (after: {'; '.join(reasons)})") from None
+                raise
+            reasons.append(str(exc))
+            log.info("%s; trying the next exporter", exc)
+            continue
+        report = check_parity(module, data, inputs, spec, tolerance=tolerance)
+        report.exporter = name
+        if report.passed or last:
+            return ExportResult(data, report, name, "; ".join(reasons) or None, scripted)
+        reasons.append(
+            f"the {name} export failed the parity check (max rel error {report.max_rel:.2e}, label "
+            f"agreement {report.label_agreement:.4%})"
+        )
+    raise AssertionError("unreachable")  # the last exporter always returns or raises
 
 
 def _single_output(data: bytes, spec: ModelSpec) -> bytes:

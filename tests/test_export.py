@@ -74,3 +74,86 @@ def test_failed_export_is_an_export_error():
     spec = ModelSpec(dims=2, labels=[Label(1, "a")], target_shape=(8, 8))
     with pytest.raises(ExportError, match="ONNX export failed"):
         torch_to_onnx(_Unexportable(), np.zeros((1, 1, 8, 8), np.float32), spec)
+
+
+class _SmallUNet(torch.nn.Module):
+    """Conv + InstanceNorm + LeakyReLU, a strided conv down and a transposed conv up, a skip:
+    the operators of nnU-Net's and MONAI's U-Nets."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.InstanceNorm2d(4, affine=True), torch.nn.LeakyReLU()
+        )
+        self.down = torch.nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = torch.nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        return self.head(torch.cat([e, self.up(torch.relu(self.down(e)))], dim=1))
+
+
+def _inputs(n=(1, 3)):
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal((b, 1, 32, 24)).astype(np.float32) for b in n]
+
+
+def test_auto_exports_through_torch_export_with_parity_and_a_dynamic_batch():
+    import onnx
+
+    from edgeseg.export.onnx_export import export_checked
+
+    spec = ModelSpec(dims=2, labels=[Label(1, "a"), Label(2, "b")], target_shape=(32, 24))
+    x = _inputs()
+    res = export_checked(_SmallUNet().eval(), x[0], x, spec)  # batch 1 exported, 3 checked
+    assert res.exporter == "dynamo" and res.fallback_reason is None
+    assert res.parity.passed and res.parity.exporter == "dynamo" and res.parity.max_rel < 1e-4
+    m = onnx.load_from_string(res.onnx)
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch axis is symbolic
+    assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 18
+
+
+def test_auto_falls_back_to_torchscript_when_dynamo_cannot_export(monkeypatch):
+    from edgeseg.export import onnx_export
+
+    real = onnx_export.torch_to_onnx
+
+    def no_dynamo(model, example, spec, *, opset=17, exporter="torchscript"):
+        if exporter == "dynamo":
+            raise ExportError("ONNX export failed (dynamo exporter): unsupported op")
+        return real(model, example, spec, opset=opset, exporter=exporter)
+
+    monkeypatch.setattr(onnx_export, "torch_to_onnx", no_dynamo)
+    spec = ModelSpec(dims=2, labels=[Label(1, "a"), Label(2, "b")], target_shape=(32, 24))
+    x = _inputs()
+    res = onnx_export.export_checked(_SmallUNet().eval(), x[0], x, spec)
+    assert res.exporter == "torchscript" and res.parity.passed
+    assert "dynamo exporter" in res.fallback_reason
+
+
+def test_torchscript_models_take_the_torchscript_exporter(tmp_path):
+    from edgeseg.export.onnx_export import export_checked
+
+    spec = ModelSpec(dims=2, labels=[Label(1, "a"), Label(2, "b")], target_shape=(32, 24))
+    x = _inputs()
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.trace(_SmallUNet().eval(), torch.from_numpy(x[0])), str(path))
+    res = export_checked(path, x[0], x, spec)
+    assert res.exporter == "torchscript" and res.scripted and res.parity.passed
+    with pytest.raises(ExportError, match="TorchScript model cannot go through torch.export"):
+        export_checked(path, x[0], x, spec, exporter="dynamo")
+
+
+def test_the_bundle_manifest_says_which_exporter_made_it(tmp_path):
+    from edgeseg.bundle import Bundle
+    from edgeseg.export.build import build_bundle
+
+    spec = ModelSpec(dims=2, labels=[Label(1, "a"), Label(2, "b")], target_shape=(32, 24))
+    said = []
+    out = tmp_path / "m.edgeseg"
+    build_bundle(_SmallUNet().eval(), spec, out, name="m", measure_engines=False, progress=said.append)
+    prov = Bundle.open(out).manifest["provenance"]
+    assert prov["export"] == {"exporter": "dynamo", "requested": "auto"}
+    assert prov["parity"]["exporter"] == "dynamo"
+    assert any("torch.export (dynamo)" in s for s in said)

@@ -121,7 +121,11 @@ def _resolve_model(model: str):
 @click.option("--force", is_flag=True, help="Write candidates that fail the accuracy gate anyway.")
 @click.option("--opset", default=17, show_default=True)
 @click.option(
-    "--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True
+    "--exporter",
+    type=click.Choice(["auto", "dynamo", "torchscript"]),
+    default="auto",
+    show_default=True,
+    help="auto: torch.export (dynamo) when it passes parity, else TorchScript (and for TorchScript files).",
 )
 @click.option("--engine/--no-engine", default=False, help="Also build TensorRT engines now (needs a GPU).")
 @click.option("--workspace-mb", default=1024, show_default=True, help="TensorRT workspace limit.")
@@ -251,7 +255,8 @@ def _report(report, output, engine: bool, workspace_mb: int, as_json: bool) -> N
     if report.parity:
         p = report.parity
         click.echo(
-            f"parity vs PyTorch: max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e}, "
+            f"parity vs PyTorch ({p.get('exporter') or 'torchscript'} export): "
+            f"max abs {p['max_abs']:.2e}, max rel {p['max_rel']:.2e}, "
             f"label agreement {p['label_agreement']:.4%} on {p['n_inputs']} input(s)"
         )
     for prec, rep in (report.accuracy or {}).items():
