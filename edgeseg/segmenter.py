@@ -7,7 +7,6 @@ the GPU path (:mod:`edgeseg.cuda.pipeline`: CUDA kernels + TensorRT), chosen whe
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -19,16 +18,9 @@ from edgeseg._exceptions import BackendError
 from edgeseg._optional import available
 from edgeseg.backends.base import Backend
 from edgeseg.bundle import Bundle
-from edgeseg.preprocess import (
-    Prepared,
-    Preprocessor,
-    gaussian_importance,
-    labels_to_source,
-    output_to_source_grid,
-    to_labels,
-    window_starts,
-)
+from edgeseg.preprocess import Prepared, Preprocessor, labels_to_source, output_to_source_grid, to_labels
 from edgeseg.result import SegmentationResult
+from edgeseg.sliding_window import SlabBlender, WindowPlan, mirror_sets, window_weights
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
@@ -66,13 +58,11 @@ class Segmenter:
         self._pre = Preprocessor(spec)
         self._batch: np.ndarray | None = None
         self.tta = tta
-        self._inv_wsum: dict[tuple, np.ndarray] = {}  # 1 / sliding-window weight sum, per grid
+        self._window_plan: tuple[tuple, WindowPlan] | None = None  # the last grid's windows
+        self._slab_pool: dict[tuple, list[np.ndarray]] = {}  # slab buffers for the next volume
         # Every non-empty combination of the spec's mirror axes (array axes of (N, C, *spatial)),
         # in nnU-Net's order; the plain pass comes first.
-        axes = [a + 2 for a in (spec.mirror_axes or ())] if tta else []
-        self._mirrors: list[tuple[int, ...]] = [
-            c for i in range(1, len(axes) + 1) for c in itertools.combinations(axes, i)
-        ]
+        self._mirrors = mirror_sets(spec.mirror_axes, 2) if tta else []
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -161,14 +151,12 @@ class Segmenter:
             volumes, box, full = crop_to_nonzero(volumes)
         prepared = self._pre(volumes)
         t = timer.add("preprocess", t)
-        if self.spec.patch_size is not None and (self.spec.dims == 2 or self.spec.window_padding == "center"):
-            grid_labels, grid_conf = self._run_sliding(prepared, timer, with_confidence)
+        if self.spec.patch_size is not None:
+            grid_labels, grid_conf = self._run_windows(prepared, timer, with_confidence)
         elif self.spec.dims == 2:
             grid_labels, grid_conf = self._run_2d(prepared, timer, with_confidence)
-        elif self.spec.patch_size is None:
-            grid_labels, grid_conf = self._run_3d_whole(prepared, timer, with_confidence)
         else:
-            grid_labels, grid_conf = self._run_3d_sliding(prepared, timer, with_confidence)
+            grid_labels, grid_conf = self._run_3d_whole(prepared, timer, with_confidence)
         t = time.perf_counter()
         labels = labels_to_source(grid_labels, prepared)
         conf = labels_to_source(grid_conf, prepared) if grid_conf is not None else None
@@ -190,70 +178,105 @@ class Segmenter:
         acc *= np.float32(1.0 / (len(self._mirrors) + 1))
         return acc
 
-    def _weights(self, patch: tuple[int, ...]) -> np.ndarray:
-        if self.spec.window_weights == "nnunet_gaussian":
-            return nnunet_gaussian(patch)
-        if len(patch) == 3:
-            return gaussian_importance(patch)
-        return gaussian_importance((1, *patch))[0]
-
-    def _run_sliding(self, prepared: Prepared, timer: _Timer, conf: bool):
-        """Sliding window over each slice (2D models) or the volume (3D), nnU-Net style when the
-        spec says so: centred padding to the patch, its Gaussian, its window starts."""
+    def _run_windows(self, prepared: Prepared, timer: _Timer, conf: bool):
+        """Sliding window over the volume (3D) or over each slice (2D models), blended in slabs
+        (:mod:`edgeseg.sliding_window`): memory of one slab of patch depth, whatever K and the
+        volume. ``window_padding`` "center" pads an image smaller than the patch as nnU-Net does
+        (half before, half after), "end" uses the preprocessed padding."""
         spec = self.spec
         patch = tuple(int(p) for p in spec.patch_size)  # type: ignore[union-attr]
-        nd = len(patch)
         grid = prepared.grid
         x = prepared.array
-        # items: (n, C, *spatial) — the slices of a 2D model, the one volume of a 3D model
-        items = x[:, :, : grid[1], : grid[2]] if nd == 2 else x[None, :, : grid[0], : grid[1], : grid[2]]
-        size = items.shape[2:]
+        two_d = len(patch) == 2
+        # src: (C, D, H, W) for 3D; (D, C, H, W) for 2D, whose windows are (1, p1, p2) per slice
+        src = x[:, :, : grid[1], : grid[2]] if two_d else x[:, : grid[0], : grid[1], : grid[2]]
+        chan_axis = 1 if two_d else 0
+        win = (1, *patch) if two_d else patch
+        off = (0, 0, 0)
         if spec.window_padding == "center":
-            padded = tuple(max(s, p) for s, p in zip(size, patch))
-            off = tuple((P - s) // 2 for P, s in zip(padded, size))
+            size = src.shape[:chan_axis] + src.shape[chan_axis + 1 :]
+            padded = tuple(max(s, p) for s, p in zip(size, win))
             if padded != size:
-                xp = np.full((*items.shape[:2], *padded), spec.pad_value, dtype=np.float32)
-                xp[(slice(None), slice(None), *(slice(o, o + s) for o, s in zip(off, size)))] = items
-                items = xp
+                off = tuple((P - s) // 2 for P, s in zip(padded, size))
+                layout = list(padded)
+                layout.insert(chan_axis, src.shape[chan_axis])
+                xp = np.full(layout, spec.pad_value, dtype=np.float32)
+                box = [slice(o, o + s) for o, s in zip(off, size)]
+                box.insert(chan_axis, slice(None))
+                xp[tuple(box)] = src
+                src = xp
         else:
-            items = x if nd == 3 else x
-            items = items[None] if nd == 3 else items
-            padded, off = items.shape[2:], (0,) * nd
-        starts = list(itertools.product(*(window_starts(P, p, spec.overlap) for P, p in zip(padded, patch))))
-        weight = self._weights(patch)
-        wsum = np.zeros(padded, dtype=np.float32)
-        for st in starts:
-            wsum[tuple(slice(a, a + p) for a, p in zip(st, patch))] += weight
-        jobs = [(i, st) for i in range(items.shape[0]) for st in starts]
+            src = x  # the preprocessed padding (≥ patch, divisible_by)
+        size = src.shape[:chan_axis] + src.shape[chan_axis + 1 :]
+        plan = self._plan(size, win)
+        c_in = src.shape[chan_axis]
         bs = spec.batch_size
-        c_in = items.shape[1]
-        batch = np.empty((min(bs, len(jobs)), c_in, *patch), dtype=np.float32)
-        acc: np.ndarray | None = None
-        for k in range(0, len(jobs), bs):
-            group = jobs[k : k + bs]
+        if self._batch is None or self._batch.shape[1:] != (c_in, *patch) or self._batch.shape[0] < bs:
+            self._batch = np.empty((bs, c_in, *patch), dtype=np.float32)
+        batch = self._batch
+        # nnU-Net's order-1 return of the output needs all of it at once: those specs keep the
+        # whole blended output; every other spec finishes labels (and confidence) per slab.
+        whole = spec.output_interpolation == "linear"
+        labels = np.empty(grid, dtype=np.uint8) if not whole else None
+        confidence = np.empty(grid, dtype=np.uint8) if conf and not whole else None
+        kept: list[np.ndarray] = []
+
+        def finish(lo: int, hi: int, slab: np.ndarray) -> None:
+            # slab rows [lo, hi) of the windowed array → grid rows [r0, r1)
+            r0, r1 = max(lo - off[0], 0), min(hi - off[0], grid[0])
+            if r1 <= r0:
+                return
+            rows = slice(r0 + off[0] - lo, r1 + off[0] - lo)
+            part = slab[:, rows, off[1] : off[1] + grid[1], off[2] : off[2] + grid[2]]
+            if labels is None:
+                if not kept:
+                    kept.append(np.empty((slab.shape[0], *grid), dtype=np.float32))
+                kept[0][:, r0:r1] = part
+                return
+            lab, c = to_labels(part[None], spec, with_confidence=conf)
+            labels[r0:r1] = lab[0]
+            if confidence is not None:
+                confidence[r0:r1] = c[0]  # type: ignore[index]
+
+        blender: SlabBlender | None = None
+        for group in plan.batches(bs):
             t = time.perf_counter()
-            for j, (i, st) in enumerate(group):
-                batch[j] = items[(i, slice(None), *(slice(a, a + p) for a, p in zip(st, patch)))]
+            for j, w in enumerate(group):
+                a, b, c = plan.starts[w]
+                if two_d:
+                    batch[j] = src[a, :, b : b + patch[0], c : c + patch[1]]
+                else:
+                    batch[j] = src[:, a : a + patch[0], b : b + patch[1], c : c + patch[2]]
             t = timer.add("preprocess", t)
             out = self._infer(batch[: len(group)])
             t = timer.add("infer", t)
-            if acc is None:
-                acc = np.zeros((items.shape[0], out.shape[1], *padded), dtype=np.float32)
-            for j, (i, st) in enumerate(group):
-                acc[(i, slice(None), *(slice(a, a + p) for a, p in zip(st, patch)))] += out[j] * weight
+            if blender is None:
+                # argmax alone needs no division by the weight sum: a positive scale keeps it
+                normalize = conf or whole or spec.output != "argmax"
+                blender = SlabBlender(plan, out.shape[1], finish, normalize=normalize, pool=self._slab_pool)
+            for j, w in enumerate(group):
+                blender.add(w, out[j][:, None] if two_d else out[j])
             timer.add("postprocess", t)
-        assert acc is not None
+        assert blender is not None
+        blender.close()
+        if labels is not None:
+            return labels, confidence
         t = time.perf_counter()
-        acc /= wsum
-        acc = acc[(slice(None), slice(None), *(slice(o, o + s) for o, s in zip(off, size)))]
-        # (n, K, *spatial) → (1, K, D, H, W)
-        vol = acc.transpose(1, 0, 2, 3)[None] if nd == 2 else acc
-        vol = output_to_source_grid(vol, prepared, spec)  # nnU-Net: its logits back with order 1
+        vol = output_to_source_grid(kept[0][None], prepared, spec)  # on the oriented source grid
         lab, c = to_labels(vol, spec, with_confidence=conf)
         timer.add("postprocess", t)
-        if spec.output_interpolation == "linear":  # on the oriented source grid already
-            return lab[0], (c[0] if c is not None else None)
-        return self._crop(lab[0], prepared), (self._crop(c[0], prepared) if c is not None else None)
+        return lab[0], (c[0] if c is not None else None)
+
+    def _plan(self, size: tuple[int, ...], window: tuple[int, ...]) -> WindowPlan:
+        """The window plan for this grid, kept for the next volume of the same grid (a stream's
+        volumes share it, with its weight sums and slab buffers)."""
+        key = (size, window, self.spec.overlap)
+        if self._window_plan is None or self._window_plan[0] != key:
+            patch = window[1:] if len(self.spec.patch_size or ()) == 2 else window  # type: ignore[arg-type]
+            weight = window_weights(patch, self.spec.window_weights)
+            self._window_plan = (key, WindowPlan(size, window, self.spec.overlap, weight))
+            self._slab_pool.clear()
+        return self._window_plan[1]
 
     def _crop(self, a: np.ndarray, prepared: Prepared) -> np.ndarray:
         d, h, w = prepared.grid
@@ -285,69 +308,6 @@ class Segmenter:
         lab, c = to_labels(out, self.spec, with_confidence=conf)
         timer.add("postprocess", t)
         return self._crop(lab[0], prepared), (self._crop(c[0], prepared) if c is not None else None)
-
-    def _run_3d_sliding(self, prepared: Prepared, timer: _Timer, conf: bool):
-        spec = self.spec
-        x = prepared.array  # (C, D, H, W), padded to ≥ patch
-        patch = tuple(int(p) for p in spec.patch_size)  # type: ignore[union-attr]
-        size = x.shape[1:]
-        starts = [
-            (a, b, c)
-            for a in window_starts(size[0], patch[0], spec.overlap)
-            for b in window_starts(size[1], patch[1], spec.overlap)
-            for c in window_starts(size[2], patch[2], spec.overlap)
-        ]
-        weight = gaussian_importance(patch)
-        acc: np.ndarray | None = None
-        # The weight sum depends only on the grid and the windows: computed once per grid size.
-        key = (size, patch, spec.overlap)
-        inv_wsum = self._inv_wsum.get(key)
-        wsum = None if inv_wsum is not None else np.zeros(size, dtype=np.float32)
-        scratch: np.ndarray | None = None
-        bs = spec.batch_size
-        if self._batch is None or self._batch.shape[1:] != (x.shape[0], *patch) or self._batch.shape[0] < bs:
-            self._batch = np.empty((bs, x.shape[0], *patch), dtype=np.float32)
-        for i in range(0, len(starts), bs):
-            group = starts[i : i + bs]
-            t = time.perf_counter()
-            for j, (a, b, c) in enumerate(group):
-                self._batch[j] = x[:, a : a + patch[0], b : b + patch[1], c : c + patch[2]]
-            t = timer.add("preprocess", t)
-            out = self._infer(self._batch[: len(group)])
-            t = timer.add("infer", t)
-            if acc is None:
-                acc = np.zeros((out.shape[1], *size), dtype=np.float32)
-                scratch = np.empty((out.shape[1], *patch), dtype=np.float32)
-            for j, (a, b, c) in enumerate(group):
-                region = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
-                np.multiply(out[j], weight, out=scratch)  # no temporary per window
-                acc[(slice(None), *region)] += scratch
-                if wsum is not None:
-                    wsum[region] += weight
-            timer.add("postprocess", t)
-        t = time.perf_counter()
-        if inv_wsum is None:
-            inv_wsum = np.reciprocal(wsum)
-            self._inv_wsum = {key: inv_wsum}  # the last grid only: volumes of a stream share it
-        acc *= inv_wsum[None]
-        lab, c = to_labels(acc[None], spec, with_confidence=conf)
-        timer.add("postprocess", t)
-        return self._crop(lab[0], prepared), (self._crop(c[0], prepared) if c is not None else None)
-
-
-def nnunet_gaussian(patch: tuple[int, ...]) -> np.ndarray:
-    """nnU-Net's sliding-window weights: ``scipy.ndimage.gaussian_filter`` of a delta at n//2
-    with sigma n/8 (truncated at 4 sigma), scaled to max 1, zeros raised to the smallest value."""
-    w = np.ones((), dtype=np.float64)
-    for n in patch:
-        sigma = n * 0.125
-        t = np.arange(n) - n // 2
-        g = np.exp(-0.5 * (t / sigma) ** 2)
-        g[np.abs(t) > int(4.0 * sigma + 0.5)] = 0.0
-        w = np.multiply.outer(w, g)
-    w /= w.max()
-    w[w == 0] = w[w > 0].min()
-    return w.astype(np.float32)
 
 
 def crop_to_nonzero(

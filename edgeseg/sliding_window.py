@@ -1,0 +1,230 @@
+"""Sliding-window inference: one window plan, and a blend that streams in slabs.
+
+:class:`WindowPlan` is what a sliding window runs: the window starts in visiting order (slab
+order along the first axis, then the others, as nested loops), the batches (a short last batch,
+or one filled up with its last window for engines that need one input shape), the importance
+weights and the test-time mirrors. The CPU Segmenter blends with :class:`SlabBlender`; the GPU
+pipeline (:mod:`edgeseg.cuda.pipeline`) takes its windows and batches from the same plan.
+
+The blend never holds K channels × the whole volume. Along the first axis the volume is cut
+into *slabs* at every window edge; each slab keeps its own weighted sum and is finished (divided
+by its weight sum when asked, then handed to the caller for argmax/confidence) as soon as the
+last window that touches it has been added. Only the open slabs are held: K × at most one patch
+depth × H × W floats, whatever the volume's depth. Window outputs are added at every voxel in
+the same order as a whole-volume buffer would add them, and the first window to reach a block
+writes its product instead of adding it to zeros, so the blended values are the same floats.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from edgeseg.preprocess import gaussian_importance, window_starts
+
+Start = tuple[int, int, int]
+# One piece of a window's blend: (slab, rows of the window, in-plane box of the volume and of
+# the window, first write) — the rows of the slab are all of its rows.
+_Piece = tuple[int, slice, tuple[slice, slice], tuple[slice, slice], bool]
+INV_CACHE_BYTES = 256 << 20  # inverse weight sums kept per plan (repeated slab patterns share one)
+
+
+def mirror_sets(mirror_axes: Sequence[int] | None, first_axis: int) -> list[tuple[int, ...]]:
+    """Every non-empty combination of the spatial ``mirror_axes`` (0 = first spatial axis) as
+    array axes (spatial axis + ``first_axis``), in nnU-Net's order; the plain pass is implied."""
+    axes = [int(a) + first_axis for a in (mirror_axes or ())]
+    return [c for i in range(1, len(axes) + 1) for c in itertools.combinations(axes, i)]
+
+
+def window_weights(patch: tuple[int, ...], kind: str = "gaussian") -> np.ndarray:
+    """The importance map of a window (``patch``: 2 or 3 axes), float32, read-only."""
+    if kind == "nnunet_gaussian":
+        return nnunet_gaussian(tuple(int(n) for n in patch))
+    if len(patch) == 3:
+        return gaussian_importance(patch)
+    return gaussian_importance((1, *patch))[0]
+
+
+@functools.lru_cache(maxsize=8)
+def nnunet_gaussian(patch: tuple[int, ...]) -> np.ndarray:
+    """nnU-Net's sliding-window weights: ``scipy.ndimage.gaussian_filter`` of a delta at n//2
+    with sigma n/8 (truncated at 4 sigma), scaled to max 1, zeros raised to the smallest value."""
+    w = np.ones((), dtype=np.float64)
+    for n in patch:
+        sigma = n * 0.125
+        t = np.arange(n) - n // 2
+        g = np.exp(-0.5 * (t / sigma) ** 2)
+        g[np.abs(t) > int(4.0 * sigma + 0.5)] = 0.0
+        w = np.multiply.outer(w, g)
+    w /= w.max()
+    w[w == 0] = w[w > 0].min()
+    out = w.astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def batches(n: int, size: int, *, fill: bool = False) -> list[list[int]]:
+    """Window indices ``0..n-1`` in batches of ``size``. The last batch is short, or with
+    ``fill`` filled up with its last window (one input shape for every batch: a CUDA graph
+    cannot span a shape change; the repeats are run, never blended)."""
+    out = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    if fill and out and len(out[-1]) < size:
+        out[-1] += [out[-1][-1]] * (size - len(out[-1]))
+    return out
+
+
+def _cells(starts: Sequence[int], patch: int) -> list[int]:
+    """The edges that cut one axis into cells: every window start and end."""
+    return sorted(set(starts) | {s + patch for s in starts})
+
+
+class WindowPlan:
+    """The windows over a (D, H, W) array for a patch (p0, p1, p2), and how they blend.
+
+    ``size``/``patch`` are 3 axes; a 2D model's windows are (1, p1, p2) over (slices, H, W),
+    one slice per step. ``overlap`` sets the starts along every axis whose patch is > 1.
+    """
+
+    def __init__(self, size: Sequence[int], patch: Sequence[int], overlap: float, weight: np.ndarray):
+        self.size = tuple(int(n) for n in size)
+        self.patch = tuple(int(p) for p in patch)
+        if len(self.size) != 3 or len(self.patch) != 3 or any(p > n for p, n in zip(self.patch, self.size)):
+            raise ValueError(
+                f"windows of {self.patch} need a 3-axis array at least that big, got {self.size}"
+            )
+        self.weight = np.asarray(weight, dtype=np.float32).reshape(self.patch)
+        per_axis = [
+            list(range(n)) if p == 1 else window_starts(n, p, overlap) for n, p in zip(self.size, self.patch)
+        ]
+        self.starts: list[Start] = list(itertools.product(*per_axis))  # slab order: axis 0 outermost
+        edges = [_cells(s, p) for s, p in zip(per_axis, self.patch)]
+        self.slabs = list(zip(edges[0][:-1], edges[0][1:]))  # (first row, end row) along axis 0
+        index = [{e: i for i, e in enumerate(ax)} for ax in edges]
+        self.pieces: list[list[_Piece]] = []
+        self.last = [0] * len(self.slabs)  # the last window that touches each slab
+        self._covering: list[list[int]] = [[] for _ in self.slabs]
+        touched: set[tuple[int, int, int]] = set()
+        for w, st in enumerate(self.starts):
+            span = [range(index[a][st[a]], index[a][st[a] + self.patch[a]]) for a in range(3)]
+            pieces: list[_Piece] = []
+            for j in span[0]:
+                lo, hi = self.slabs[j]
+                self.last[j] = w
+                self._covering[j].append(w)
+                rows = slice(lo - st[0], hi - st[0])
+                # In-plane blocks of this slab, merged into runs with the same first-write flag.
+                lines: list[tuple[int, int, tuple]] = []  # (u0, u1, runs along axis 2)
+                for u in span[1]:
+                    runs: list[list] = []
+                    for v in span[2]:
+                        fresh = (j, u, v) not in touched
+                        touched.add((j, u, v))
+                        if runs and runs[-1][2] == fresh:
+                            runs[-1][1] = v + 1
+                        else:
+                            runs.append([v, v + 1, fresh])
+                    key = tuple(tuple(r) for r in runs)
+                    if lines and lines[-1][2] == key:
+                        lines[-1] = (lines[-1][0], u + 1, key)
+                    else:
+                        lines.append((u, u + 1, key))
+                for u0, u1, key in lines:
+                    ys = slice(edges[1][u0], edges[1][u1])
+                    wy = slice(ys.start - st[1], ys.stop - st[1])
+                    for v0, v1, fresh in key:
+                        xs = slice(edges[2][v0], edges[2][v1])
+                        wx = slice(xs.start - st[2], xs.stop - st[2])
+                        pieces.append((j, rows, (ys, xs), (wy, wx), fresh))
+            self.pieces.append(pieces)
+        self._inv: dict[tuple, np.ndarray] = {}
+        self._inv_bytes = 0
+
+    def batches(self, size: int, *, fill: bool = False) -> list[list[int]]:
+        return batches(len(self.starts), size, fill=fill)
+
+    def slab_shape(self, j: int) -> tuple[int, int, int]:
+        lo, hi = self.slabs[j]
+        return (hi - lo, self.size[1], self.size[2])
+
+    def inverse_weight_sum(self, j: int) -> np.ndarray:
+        """1 / (sum of the window weights) over slab ``j``: summed in the blend's order, so it is
+        the whole-volume sum's value there; slabs that meet the same windows share one array."""
+        lo = self.slabs[j][0]
+        key = (self.slabs[j][1] - lo, tuple(lo - self.starts[w][0] for w in self._covering[j]))
+        inv = self._inv.get(key)
+        if inv is not None:
+            return inv
+        wsum = np.empty(self.slab_shape(j), dtype=np.float32)
+        for w in self._covering[j]:
+            for jj, rows, (ys, xs), (wy, wx), fresh in self.pieces[w]:
+                if jj != j:
+                    continue
+                dst = wsum[:, ys, xs]
+                src = self.weight[rows, wy, wx]
+                if fresh:
+                    np.copyto(dst, src)
+                else:
+                    dst += src
+        inv = np.reciprocal(wsum, out=wsum)
+        if self._inv_bytes + inv.nbytes <= INV_CACHE_BYTES:
+            self._inv[key] = inv
+            self._inv_bytes += inv.nbytes
+        return inv
+
+
+Finish = Callable[[int, int, np.ndarray], None]
+
+
+class SlabBlender:
+    """Blends window outputs of one pass over a :class:`WindowPlan`.
+
+    :meth:`add` takes window ``w``'s output (K, p0, p1, p2) and calls ``finish(first_row,
+    end_row, slab)`` for every slab that no later window touches, ``slab`` being its (K, rows, H, W)
+    weighted sum, divided by the weight sum when ``normalize`` (argmax alone does not need it:
+    the division by a positive sum keeps the order of the channels). ``slab`` is reused after
+    ``finish`` returns. ``pool`` keeps freed slab arrays for the next pass over the same plan.
+    """
+
+    def __init__(self, plan: WindowPlan, channels: int, finish: Finish, *, normalize: bool,
+                 pool: dict | None = None):  # fmt: skip
+        self.plan, self.k, self.finish, self.normalize = plan, int(channels), finish, normalize
+        self.pool: dict[tuple, list[np.ndarray]] = pool if pool is not None else {}
+        self.open: dict[int, np.ndarray] = {}
+        self._scratch = np.empty(self.k * int(np.prod(plan.patch)), dtype=np.float32)
+        self.peak_open = 0  # the most slab rows held at once (for tests and the benchmark)
+
+    def _slab(self, j: int) -> np.ndarray:
+        a = self.open.get(j)
+        if a is None:
+            shape = (self.k, *self.plan.slab_shape(j))
+            free = self.pool.get(shape)
+            a = self.open[j] = free.pop() if free else np.empty(shape, dtype=np.float32)
+            self.peak_open = max(self.peak_open, sum(s.shape[1] for s in self.open.values()))
+        return a
+
+    def add(self, w: int, out: np.ndarray) -> None:
+        plan = self.plan
+        for j, rows, (ys, xs), (wy, wx), fresh in plan.pieces[w]:
+            dst = self._slab(j)[:, :, ys, xs]
+            src = out[:, rows, wy, wx]
+            wgt = plan.weight[rows, wy, wx]
+            if fresh:  # the first window here: its product is the sum so far
+                np.multiply(src, wgt, out=dst)
+            else:
+                tmp = self._scratch[: dst.size].reshape(dst.shape)
+                np.multiply(src, wgt, out=tmp)
+                dst += tmp
+        for j in [j for j in self.open if plan.last[j] == w]:
+            slab = self.open.pop(j)
+            if self.normalize:
+                slab *= plan.inverse_weight_sum(j)[None]
+            self.finish(*plan.slabs[j], slab)
+            self.pool.setdefault(slab.shape, []).append(slab)
+
+    def close(self) -> None:
+        """Every window was added: nothing may be left open."""
+        if self.open:
+            raise RuntimeError(f"slabs {sorted(self.open)} were never finished: windows are missing")
