@@ -386,29 +386,29 @@ def _header(first, descriptions, **kw: Any):
 
 
 def _file_bytes(header, raw: dict[int, bytes]) -> bytes:
-    """Preamble, file meta and the dataset: pydicom writes the header's elements, in tag order
+    """Preamble, file meta and the dataset: pydicom writes the header's elements (as its
+    ``write_dataset`` does: ambiguous VRs resolved, the SEG's character set), in tag order
     between the pre-encoded ones."""
-    from pydicom import Dataset
     from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset, write_file_meta_info
-    from pydicom.tag import Tag
+    from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_file_meta_info
 
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     fp.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(fp, header.file_meta, enforce_standard=True)
-    charset = header.get("SpecificCharacterSet") or "iso8859"
-    tags = sorted(header.keys())
-    lower = -1
-    for upper in [*sorted(raw), 0x100000000]:
-        part = Dataset({tag: header.get_item(tag) for tag in tags if lower < tag < upper})
-        if upper in raw:
-            if Tag(upper) in header:
-                raise ValueError(f"the header already has {Tag(upper)}")
-        write_dataset(fp, part, parent_encoding=charset)
-        if upper in raw:
-            fp.write(raw[upper])
-        lower = upper
+    correct_ambiguous_vr(header, True)
+    encodings = header.get("SpecificCharacterSet", "iso8859")
+    pending = sorted(raw)
+    for tag in sorted(header.keys()):
+        if tag.element == 0 and tag.group > 6:
+            continue  # group lengths are not written (as pydicom)
+        while pending and pending[0] < tag:
+            fp.write(raw[pending.pop(0)])
+        if pending and pending[0] == tag:
+            raise ValueError(f"the header already has {tag}")
+        write_data_element(fp, header[tag], encodings)
+    for tag in pending:
+        fp.write(raw[tag])
     return fp.getvalue()
 
 
