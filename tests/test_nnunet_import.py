@@ -235,6 +235,24 @@ def test_info_says_what_runs(bundles):
     assert seg.spec.crop_nonzero and seg.spec.window_padding == "center"
 
 
+def test_edgeseg_info_says_what_runs(bundles):
+    from click.testing import CliRunner
+
+    from edgeseg.cli.info import info
+
+    res = CliRunner().invoke(info, [str(bundles["0,1"])])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "mirrors axes [0, 1]: 4 passes per window" in out
+    assert "x 2 models averaged" in out
+    assert "image cubic" in out and "back linear on the network output" in out
+    assert "separate z" in out and "crop to the nonzero box" in out
+    assert "ONNX exported through dynamo" in out  # torch.export passed parity on this network
+    d = json.loads(CliRunner().invoke(info, [str(bundles["0"]), "--json"]).output)
+    assert d["runs"]["passes_per_window"] == 4 and d["runs"]["ensemble"] == 1
+    assert d["runs"]["resampling"]["image"] == "cubic" and d["runs"]["crop_nonzero"] is True
+
+
 def test_refusals_name_the_plan_field(tmp_path):
     from edgeseg.export.nnunet.folder import read_folder
     from edgeseg.export.nnunet.spec import spec_from_nnunet

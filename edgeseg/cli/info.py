@@ -17,6 +17,7 @@ def info(bundle: str, as_json: bool, ranges: bool) -> None:
 
     b = Bundle.open(bundle)
     d = b.describe()
+    d["runs"] = what_runs(b.spec)
     if not ranges:
         d.get("provenance", {}).pop("ranges", None)
     if as_json:
@@ -33,6 +34,12 @@ def info(bundle: str, as_json: bool, ranges: bool) -> None:
         f"grid {list(geom) if geom else 'native'}"
     )
     click.echo("  labels: " + ", ".join(f"{lab.value}={lab.name}" for lab in spec.labels))
+    for line in runs_lines(d["runs"]):
+        click.echo(f"  {line}")
+    export = (d.get("provenance") or {}).get("export")
+    if export:
+        why = f" ({export['fallback_reason']})" if export.get("fallback_reason") else ""
+        click.echo(f"  ONNX exported through {export['exporter']}{why}")
     rows = [
         [p, f"{d['artifact_bytes'].get(p, 0) / 1e6:.1f} MB", "yes" if p == d["cpu_precision"] else ""]
         for p in d["precisions"]
@@ -75,7 +82,8 @@ def info(bundle: str, as_json: bool, ranges: bool) -> None:
     parity = d.get("provenance", {}).get("parity")
     if parity:
         click.echo(
-            f"parity vs PyTorch: max rel error {parity['max_rel']:.2e}, "
+            f"parity vs PyTorch ({parity.get('exporter') or 'torchscript'} export): "
+            f"max rel error {parity['max_rel']:.2e}, "
             f"label agreement {parity['label_agreement']:.4%} on {parity['n_inputs']} input(s)"
         )
     if ranges:
@@ -120,3 +128,63 @@ def _engine_table(b, d: dict) -> None:
         f"{host.get('threads', '?')} threads), ms per batch:"
     )
     click.echo(table(out, ["engine", "precision", "ms", "check", "status", "cpu choice"]))
+
+
+def what_runs(spec) -> dict:
+    """What one segmentation does beyond the network, from the spec: mirrors, ensemble,
+    resampling, cropping, windows (running without TTA drops the mirrors)."""
+    axes = list(spec.mirror_axes or [])
+    return {
+        "mirror_axes": axes,
+        "passes_per_window": 2 ** len(axes),
+        "ensemble": spec.ensemble,
+        "crop_nonzero": spec.crop_nonzero,
+        "resampling": {
+            "image": spec.interpolation,
+            "output": "linear on the network output, then argmax"
+            if spec.output_interpolation == "linear"
+            else "nearest on the labels",
+            "separate_lowres_axis": spec.anisotropy_threshold if spec.separate_lowres_axis else None,
+            "target_spacing": list(spec.target_spacing) if spec.target_spacing else None,
+        },
+        "sliding_window": None
+        if spec.patch_size is None
+        else {
+            "patch": list(spec.patch_size),
+            "overlap": spec.overlap,
+            "weights": spec.window_weights,
+            "padding": spec.window_padding,
+        },
+    }
+
+
+def runs_lines(r: dict) -> list[str]:
+    """``what_runs`` in words, a line per topic."""
+    n = r["passes_per_window"]
+    if r["mirror_axes"]:
+        tta = f"mirrors axes {r['mirror_axes']}: {n} passes per window ({n - 1} mirrored; without TTA: 1)"
+    else:
+        tta = "no test-time mirroring: 1 pass per window"
+    models = r["ensemble"]
+    lines = [
+        f"runs: {tta}" + (f", x {models} models averaged in one graph (folds)" if models > 1 else ""),
+    ]
+    res = r["resampling"]
+    if res["target_spacing"]:
+        sep = res["separate_lowres_axis"]
+        lines.append(
+            f"resampling to {res['target_spacing']} mm: image {res['image']}"
+            + (" (order 3, as nnU-Net)" if res["image"] == "cubic" else "")
+            + f", back {res['output']}"
+            + (f"; an axis anisotropic beyond {sep:g}x goes nearest (nnU-Net's separate z)" if sep else "")
+        )
+    win = r["sliding_window"]
+    crop = "crop to the nonzero box first" if r["crop_nonzero"] else "no cropping"
+    if win:
+        lines.append(
+            f"sliding window {win['patch']}, overlap {win['overlap']}, {win['weights']} weights, "
+            f"{win['padding']} padding; {crop}"
+        )
+    else:
+        lines.append(f"whole image at once; {crop}")
+    return lines
