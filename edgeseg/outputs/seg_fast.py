@@ -141,9 +141,9 @@ def encode_seg(
         if spacing is not None:
             measures[0].SpacingBetweenSlices = format_number_as_ds(spacing)
 
-    flat = planes.reshape(n_planes, rows * columns)
-    present = np.stack([(flat == s).any(axis=1) for s in range(1, n_segments + 1)])  # (segment, plane)
-    kept = [int(p) for p in sort_index if present[:, p].any()]  # planes with any foreground, sorted
+    present, pixel_data = _masks(planes, n_segments, sort_index)
+    any_segment = present.any(axis=0)
+    kept = [int(p) for p in sort_index if any_segment[p]]  # planes with any foreground, sorted
     rank = {p: i for i, p in enumerate(kept, start=1)}
 
     header = _header(
@@ -200,7 +200,7 @@ def encode_seg(
         0x00081115: _referenced_series(references_items, [series for _, _, series in uids]),
         0x00082112: _seq(0x00082112, references_items),
         0x52009230: _per_frame_groups(frames, rank, position_texts, references, n_segments),
-        0x7FE00010: _el(0x7FE00010, "OB", _pixel_data(planes, frames)),
+        0x7FE00010: _el(0x7FE00010, "OB", pixel_data),
     }
     return _file_bytes(header, raw)
 
@@ -288,21 +288,31 @@ def _per_frame_groups(frames, rank, position_texts, references, n_segments: int)
     return _seq(0x52009230, items)
 
 
-def _pixel_data(planes: np.ndarray, frames) -> bytes:
-    """Every frame's mask, bit-packed as one stream (LSB first), padded to an even length."""
+def _masks(planes: np.ndarray, n_segments: int, sort_index) -> tuple[np.ndarray, bytes]:
+    """(segment, plane) presence, and the pixel data: each segment's non-empty planes in sorted
+    order (highdicom's frame order), bit-packed as one stream (LSB first, frames not padded to a
+    byte each), zero bits to the last byte, padded to an even length. One comparison per
+    segment, on the planes with any foreground only."""
     n, rows, columns = planes.shape
-    bits = np.empty((len(frames), rows * columns), dtype=bool)
     flat = planes.reshape(n, rows * columns)
-    start = 0
-    while start < len(frames):
-        s = frames[start][0]
-        stop = start
-        while stop < len(frames) and frames[stop][0] == s:
-            stop += 1
-        np.equal(flat[[p for _, p in frames[start:stop]]], s, out=bits[start:stop])
-        start = stop
-    packed = np.packbits(bits.reshape(-1), bitorder="little").tobytes()
-    return packed + b"\x00" if len(packed) % 2 else packed
+    order = np.asarray(sort_index, dtype=np.intp)
+    order = order[flat.any(axis=1)[order]]
+    sub = flat[order]  # the non-empty planes, sorted
+    whole_bytes = (rows * columns) % 8 == 0  # frames end on a byte: pack each segment on its own
+    present = np.zeros((n_segments, n), dtype=bool)
+    parts = []
+    for s in range(1, n_segments + 1):
+        # One segment: the values are 0 and 1 already.
+        mask = sub.view(np.bool_) if n_segments == 1 else sub == s
+        here = mask.any(axis=1)
+        present[s - 1, order[here]] = True
+        frames = (mask if here.all() else mask[here]).reshape(-1)
+        parts.append(np.packbits(frames, bitorder="little") if whole_bytes else frames)
+    if whole_bytes:
+        packed = np.concatenate(parts).tobytes()
+    else:
+        packed = np.packbits(np.concatenate(parts), bitorder="little").tobytes()
+    return present, (packed + b"\x00" if len(packed) % 2 else packed)
 
 
 def _referenced_series(items: list[bytes], series_uids: list[str]) -> bytes:
