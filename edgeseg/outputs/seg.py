@@ -1,4 +1,10 @@
-"""Write a label map as a DICOM Segmentation (BINARY) with highdicom.
+"""Write a label map as a DICOM Segmentation (BINARY).
+
+Two writers make the same file: :mod:`edgeseg.outputs.seg_fast` encodes the SEG directly where it
+covers the sources (classic stacks and enhanced multi-frame instances, a non-empty map: the
+common case, 4–5× faster), highdicom's ``Segmentation`` writes everything else (empty maps,
+MOSAIC, sources without Frame of Reference). ``write_seg(..., writer=...)`` can insist on one;
+which one ran is logged at debug level.
 
 One segment per :class:`~edgeseg.spec.Label`, in ``labels_spec`` order (segment number 1, 2, …),
 each frame referencing the source image (single-frame series) or source frame (enhanced
@@ -6,7 +12,7 @@ multi-frame) it was derived from; a Siemens MOSAIC's frames are placed by the Vo
 the SEG references the MOSAIC instance. BINARY rather than LABELMAP because most viewers and PACS
 only understand BINARY so far.
 
-Any Volume the reader assembled gets a SEG: highdicom is given consistent views of the sources
+Any Volume the reader assembled gets a SEG: the writers are given consistent views of the sources
 (:mod:`edgeseg.outputs.seg_sources` says what they change and why, Frame of Reference included),
 never the Volume's headers themselves. A SEG is refused only where none can reference the
 sources: no Study Instance UID, or source UIDs that are not UIDs.
