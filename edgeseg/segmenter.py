@@ -59,7 +59,7 @@ class Segmenter:
         self._batch: np.ndarray | None = None
         self.tta = tta
         self._window_plan: tuple[tuple, WindowPlan] | None = None  # the last grid's windows
-        self._slab_pool: dict[tuple, list[np.ndarray]] = {}  # slab buffers for the next volume
+        self._ring: np.ndarray | None = None  # the slab buffer, kept for the next volume
         # Every non-empty combination of the spec's mirror axes (array axes of (N, C, *spatial)),
         # in nnU-Net's order; the plain pass comes first.
         self._mirrors = mirror_sets(spec.mirror_axes, 2) if tta else []
@@ -253,7 +253,8 @@ class Segmenter:
             if blender is None:
                 # argmax alone needs no division by the weight sum: a positive scale keeps it
                 normalize = conf or whole or spec.output != "argmax"
-                blender = SlabBlender(plan, out.shape[1], finish, normalize=normalize, pool=self._slab_pool)
+                blender = SlabBlender(plan, out.shape[1], finish, normalize=normalize, ring=self._ring)
+                self._ring = blender.ring
             for j, w in enumerate(group):
                 blender.add(w, out[j][:, None] if two_d else out[j])
             timer.add("postprocess", t)
@@ -275,7 +276,7 @@ class Segmenter:
             patch = window[1:] if len(self.spec.patch_size or ()) == 2 else window  # type: ignore[arg-type]
             weight = window_weights(patch, self.spec.window_weights)
             self._window_plan = (key, WindowPlan(size, window, self.spec.overlap, weight))
-            self._slab_pool.clear()
+            self._ring = None
         return self._window_plan[1]
 
     def _crop(self, a: np.ndarray, prepared: Prepared) -> np.ndarray:

@@ -141,6 +141,36 @@ class WindowPlan:
             self.pieces.append(pieces)
         self._inv: dict[tuple, np.ndarray] = {}
         self._inv_bytes = 0
+        self.ring_rows, self.slab_at = self._ring()
+
+    def _ring(self) -> tuple[int, list[int]]:
+        """The fewest rows of one circular buffer that hold every open slab, and where each slab
+        lies in it: slabs open and finish in row order, so they are placed one after the other,
+        back to row 0 when the next one does not fit before the end."""
+        lens = [hi - lo for lo, hi in self.slabs]
+        for rows in range(max(lens), sum(lens) + 1):
+            at = self._place(rows, lens)
+            if at is not None:
+                return rows, at
+        raise AssertionError("unreachable: the whole depth always fits")  # pragma: no cover
+
+    def _place(self, rows: int, lens: list[int]) -> list[int] | None:
+        at = [-1] * len(lens)
+        held: dict[int, tuple[int, int]] = {}
+        head = 0
+        for w, pieces in enumerate(self.pieces):
+            for j in dict.fromkeys(p[0] for p in pieces):
+                if at[j] >= 0:
+                    continue
+                if head + lens[j] > rows:
+                    head = 0
+                if any(a < head + lens[j] and head < b for a, b in held.values()):
+                    return None
+                at[j], held[j] = head, (head, head + lens[j])
+                head += lens[j]
+            for j in [j for j in held if self.last[j] == w]:
+                del held[j]
+        return at
 
     def batches(self, size: int, *, fill: bool = False) -> list[list[int]]:
         return batches(len(self.starts), size, fill=fill)
@@ -184,24 +214,28 @@ class SlabBlender:
     :meth:`add` takes window ``w``'s output (K, p0, p1, p2) and calls ``finish(first_row,
     end_row, slab)`` for every slab that no later window touches, ``slab`` being its (K, rows, H, W)
     weighted sum, divided by the weight sum when ``normalize`` (argmax alone does not need it:
-    the division by a positive sum keeps the order of the channels). ``slab`` is reused after
-    ``finish`` returns. ``pool`` keeps freed slab arrays for the next pass over the same plan.
+    the division by a positive sum keeps the order of the channels). The slabs are views of one
+    (K, ``plan.ring_rows``, H, W) buffer, ``ring`` when given (kept for the next volume of the
+    same plan), reused after ``finish`` returns.
     """
 
     def __init__(self, plan: WindowPlan, channels: int, finish: Finish, *, normalize: bool,
-                 pool: dict | None = None):  # fmt: skip
+                 ring: np.ndarray | None = None):  # fmt: skip
         self.plan, self.k, self.finish, self.normalize = plan, int(channels), finish, normalize
-        self.pool: dict[tuple, list[np.ndarray]] = pool if pool is not None else {}
+        shape = (self.k, plan.ring_rows, plan.size[1], plan.size[2])
+        if ring is None or ring.shape != shape or ring.dtype != np.float32:
+            ring = np.empty(shape, dtype=np.float32)
+        self.ring = ring
         self.open: dict[int, np.ndarray] = {}
         self._scratch = np.empty(self.k * int(np.prod(plan.patch)), dtype=np.float32)
-        self.peak_open = 0  # the most slab rows held at once (for tests and the benchmark)
+        self.peak_open = 0  # the most slab rows open at once (for tests and the benchmark)
 
     def _slab(self, j: int) -> np.ndarray:
         a = self.open.get(j)
         if a is None:
-            shape = (self.k, *self.plan.slab_shape(j))
-            free = self.pool.get(shape)
-            a = self.open[j] = free.pop() if free else np.empty(shape, dtype=np.float32)
+            lo, hi = self.plan.slabs[j]
+            at = self.plan.slab_at[j]
+            a = self.open[j] = self.ring[:, at : at + hi - lo]
             self.peak_open = max(self.peak_open, sum(s.shape[1] for s in self.open.values()))
         return a
 
@@ -222,7 +256,6 @@ class SlabBlender:
             if self.normalize:
                 slab *= plan.inverse_weight_sum(j)[None]
             self.finish(*plan.slabs[j], slab)
-            self.pool.setdefault(slab.shape, []).append(slab)
 
     def close(self) -> None:
         """Every window was added: nothing may be left open."""

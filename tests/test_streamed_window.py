@@ -200,6 +200,8 @@ def test_slab_blender_matches_a_whole_buffer_and_holds_one_patch_depth(size, pat
     np.testing.assert_array_equal(got, full)  # the same floats, not merely close
     assert seen == sorted(seen) and seen[0][0] == 0 and seen[-1][1] == size[0]
     assert blender.peak_open <= patch[0]  # never more than one patch depth of rows open
+    longest = max(hi - lo for lo, hi in plan.slabs)
+    assert blender.ring.shape[1] == plan.ring_rows <= patch[0] + longest - 1 or plan.ring_rows == longest
 
 
 def test_batches_short_or_filled_last():
