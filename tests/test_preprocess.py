@@ -40,6 +40,30 @@ def test_percentile_and_zscore_match_numpy_statistics():
     np.testing.assert_allclose(zn[nz], (x[nz] - x[nz].mean()) / x[nz].std(), atol=1e-4)
 
 
+def test_percentiles_take_exact_order_statistics_from_the_tails(seg_data):
+    """The tail selection gives np.partition's values exactly: on a real MR volume resampled
+    large enough to take that path, on ties, sorted data, and with a NaN (whole partition)."""
+    from edgeseg.intensity import order_statistics, percentiles
+    from edgeseg.nifti_input import read_nifti
+
+    mr = read_nifti(seg_data / "msd_task04_hippocampus" / "imagesTr" / "hippocampus_367.nii.gz")
+    big = np.repeat(mr.modality_values().astype(np.float32), 4, axis=0)  # > 2^16 voxels
+    with_nan = RNG.standard_normal(100_000).astype(np.float32)
+    with_nan[7] = np.nan
+    cases = [big, RNG.integers(0, 30, 200_000).astype(np.float32), np.sort(RNG.standard_normal(150_000)),
+             np.zeros(90_000, np.float32), with_nan]  # fmt: skip
+    for x in cases:
+        flat = x.reshape(-1)
+        n = flat.size
+        for q in [(0.5, 99.5), (0, 100), (1, 99), (0.001, 99.999), (45, 55), (0, 0.5)]:
+            r = [(n - 1) * v / 100.0 for v in q]
+            ks = sorted({int(np.floor(v)) for v in r} | {min(int(np.floor(v)) + 1, n - 1) for v in r})
+            part = np.partition(flat, ks)
+            got = order_statistics(flat, ks)
+            assert [str(got[k]) for k in ks] == [str(part[k]) for k in ks], (q, x.dtype)
+    np.testing.assert_allclose(percentiles(big, 0.5, 99.5), np.percentile(big, [0.5, 99.5]), rtol=1e-6)
+
+
 def test_gaussian_filter_matches_scipy():
     ndimage = pytest.importorskip("scipy.ndimage")
     x = RNG.standard_normal((6, 20, 21)).astype(np.float32)
