@@ -109,7 +109,7 @@ class Preprocessor:
         if self._buffer is None or self._buffer.shape != layout:
             self._buffer = np.empty(layout, dtype=np.float32)
         buf = self._buffer
-        buf.fill(spec.pad_value)
+        _fill_padding(buf, grid, spec.dims, spec.pad_value)  # the channels below write the rest
         for c, vol in enumerate(vols):
             x = self._channel(vol, orient, grid, spec.intensity_for_channel(c))
             if spec.dims == 3:
@@ -132,15 +132,42 @@ class Preprocessor:
             x = resample_image(orient.to_model(vol.stored), out_shape, mode, axes, low)
             if lut_applies(x, steps):  # still stored integers: the steps run on their histogram
                 return intensity_by_lut(x, float(vol.slope[0]), float(vol.intercept[0]), steps)
-            x = np.array(x, dtype=np.float32, copy=True, order="C")
+            x = _own_float32(x, vol.stored)
             if vol.slope[0] != 1.0:
                 x *= np.float32(vol.slope[0])
             if vol.intercept[0] != 0.0:
                 x += np.float32(vol.intercept[0])
         else:
             x = resample_image(orient.to_model(vol.modality_values()), out_shape, mode, axes, low)
-            x = np.array(x, dtype=np.float32, copy=True, order="C")
+            x = _own_float32(x, vol.stored)
         return apply_intensity(x, steps)
+
+
+def _own_float32(x: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``x`` as a C-contiguous float32 array the steps may modify in place: as it is when
+    resampling already made a new one, else a copy (never the volume's own pixels)."""
+    if (
+        x.dtype == np.float32
+        and x.flags.c_contiguous
+        and x.flags.writeable
+        and not np.may_share_memory(x, source)
+    ):
+        return x
+    return np.array(x, dtype=np.float32, copy=True, order="C")
+
+
+def _fill_padding(buf: np.ndarray, grid: tuple[int, int, int], dims: int, value: float) -> None:
+    """Write ``value`` into the padding of a model input buffer: everything outside the
+    (D, H, W) ``grid`` box of its spatial axes ((C, D, H, W) for 3D, (D, C, H, W) for 2D)."""
+    g0, g1, g2 = grid
+    if dims == 3:
+        buf[:, g0:] = value
+        buf[:, :g0, g1:] = value
+        buf[:, :g0, :g1, g2:] = value
+    else:
+        buf[g0:] = value
+        buf[:g0, :, g1:] = value
+        buf[:g0, :, :g1, g2:] = value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -159,3 +159,26 @@ def test_sliding_window_geometry():
     w = gaussian_importance((8, 8, 8))
     assert w.max() == pytest.approx(1.0) and w.min() > 0
     assert w[3, 3, 3] > w[0, 0, 0]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_reused_buffer_pads_outside_each_grid(dims):
+    """Only the padding is filled per call: a second volume of another grid with the same
+    padded layout gets pad_value wherever the first one's values were."""
+    spec = ModelSpec(dims=dims, labels=[Label(1, "a")], divisible_by=16, pad_value=-3.0)
+    pre = Preprocessor(spec)
+    first = Volume.from_array(RNG.standard_normal((20, 30, 33)).astype(np.float32))
+    second = Volume.from_array(RNG.standard_normal((20 if dims == 2 else 25, 20, 40)).astype(np.float32))
+    pre(first)
+    got = pre(second)
+    fresh = Preprocessor(spec)(second)
+    assert got.array.shape == fresh.array.shape  # the buffer was reused
+    np.testing.assert_array_equal(got.array, fresh.array)
+    g = got.grid
+    inside = np.zeros(got.array.shape, bool)
+    if dims == 3:
+        inside[:, : g[0], : g[1], : g[2]] = True
+    else:
+        inside[: g[0], :, : g[1], : g[2]] = True
+    assert np.all(got.array[~inside] == -3.0) and (~inside).any()
+    np.testing.assert_array_equal(got.array[inside].reshape(second.shape), second.stored)
