@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import stat
+import struct
 import warnings
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,9 +27,16 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom import uid as pydicom_uid
+from pydicom.charset import default_encoding
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.filereader import read_dataset
+from pydicom.misc import size_in_bytes
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
 from edgeseg._exceptions import DicomInputError
 from edgeseg.dicom import elements as el
@@ -137,6 +145,7 @@ def quiet_pydicom() -> Iterator[None]:
 # larger than DEFER_SIZE (pixel data) are left out of the dataset, so a scan holds headers only,
 # and loading reads the pixel bytes from their offset in the file, straight into the volume.
 DEFER_SIZE = "64 KB"
+_DEFER_BYTES = size_in_bytes(DEFER_SIZE)
 # Larger files (big multi-frame instances) are parsed from the file, so a scan never holds one whole.
 READ_WHOLE_MAX = 32 * 2**20
 
@@ -152,7 +161,9 @@ def parse_file(path: Path) -> Dataset:
             data = fh.read()
     if data is None:
         return dcmread(path, defer_size=DEFER_SIZE)
-    ds = dcmread(io.BytesIO(data), defer_size=DEFER_SIZE)
+    ds = _parse_part10(data)
+    if ds is None:
+        ds = dcmread(io.BytesIO(data), defer_size=DEFER_SIZE)
     if el.get(ds.file_meta, "TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
         # Offsets into the inflated dataset are not offsets into the file: keep every value.
         ds = dcmread(io.BytesIO(data))
@@ -162,6 +173,61 @@ def parse_file(path: Path) -> Dataset:
     ds.fileobj_type = open
     ds.buffer = None
     ds.timestamp = st.st_mtime
+    return ds
+
+
+_TAG_HEAD = struct.Struct("<HH")
+_US = struct.Struct("<H")
+_UL = struct.Struct("<L")
+_SHORT_VRS = {vr.encode() for vr in STANDARD_VR - EXPLICIT_VR_LENGTH_32}
+_LONG_VRS = {vr.encode() for vr in EXPLICIT_VR_LENGTH_32 if vr != "SQ"}
+
+
+def _parse_part10(data: bytes) -> FileDataset | None:
+    """What ``dcmread(io.BytesIO(data), defer_size=DEFER_SIZE)`` returns, for a Part 10 file in
+    memory whose file meta is plain Explicit VR Little Endian; None for anything else.
+
+    pydicom's file meta reading (a generic dataset read, then its checks) costs ~50 µs for a
+    handful of elements, a third of parsing a small MR slice; the meta is read here into the same
+    raw elements, and the dataset itself by pydicom's ``read_dataset``, as ``read_partial`` does.
+    None (dcmread decides) for file meta that is not Explicit VR Little Endian, a command set
+    after it, no dataset, and transfer syntaxes with a reading of their own (big endian,
+    deflate, private, none).
+    """
+    end, pos, meta = len(data), 132, {}
+    while pos + 8 <= end:
+        group, element = _TAG_HEAD.unpack_from(data, pos)
+        if group != 2:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in _SHORT_VRS:
+            length, start = _US.unpack_from(data, pos + 6)[0], pos + 8
+        elif vr in _LONG_VRS and pos + 12 <= end:
+            length, start = _UL.unpack_from(data, pos + 8)[0], pos + 12
+        else:
+            return None  # a sequence, an unknown VR or none (implicit VR file meta)
+        if start + length > end:
+            return None
+        tag = BaseTag(group << 16 | element)
+        meta[tag] = RawDataElement(tag, vr.decode(), length, data[start : start + length], start, False, True)
+        pos = start + length
+    syntax_elem = meta.get(BaseTag(0x00020010))
+    if pos + 8 > end or data[pos : pos + 2] == b"\x00\x00" or syntax_elem is None:
+        return None
+    syntax = syntax_elem.value.decode(default_encoding, "replace").rstrip("\0 ")
+    if (
+        syntax in (ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian)
+        or syntax in pydicom_uid.PrivateTransferSyntaxes
+    ):
+        return None
+    implicit = syntax == ImplicitVRLittleEndian
+    file_meta = FileMetaDataset(meta)
+    file_meta.set_original_encoding(False, True, default_encoding)
+    fp = io.BytesIO(data)
+    fp.seek(pos)
+    dataset = read_dataset(fp, implicit, True, defer_size=_DEFER_BYTES)
+    ds = FileDataset(fp, dataset, data[:128], file_meta, implicit, True)
+    ds.set_original_encoding(implicit, True, dataset._character_set)
     return ds
 
 
