@@ -7,7 +7,8 @@ Every error a caller may want to catch derives from :class:`EdgesegError`::
     ├── SpecError            a preprocessing spec is invalid or does not fit the model
     ├── BundleError          a bundle is missing, tampered with, or from a newer schema
     ├── BackendError         a backend cannot start or run (missing library, wrong GPU)
-    │   └── EngineMismatchError  a TensorRT engine was built for another GPU or version
+    │   ├── EngineMismatchError  a TensorRT engine was built for another GPU or version
+    │   └── ServiceUnavailableError  a remote inference server (Triton) cannot be reached now
     ├── ExportError          PyTorch → ONNX export failed or disagrees with PyTorch
     ├── CalibrationError     no usable calibration data, or a bad Q/DQ graph
     └── AccuracyGateError    a candidate precision fell below the Dice threshold
@@ -55,6 +56,15 @@ class BackendError(EdgesegError):
 
 class EngineMismatchError(BackendError):
     """A serialized TensorRT engine does not match this GPU or TensorRT version."""
+
+
+class ServiceUnavailableError(BackendError):
+    """A remote inference server cannot be reached now; the same request may succeed later.
+
+    The listener keeps such a series in its journal and tries it again (without counting the
+    attempt) instead of setting it aside."""
+
+    transient = True
 
 
 class ExportError(EdgesegError):

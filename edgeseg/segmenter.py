@@ -83,8 +83,13 @@ class Segmenter:
         ``"onnxruntime"`` or ``"tensorrt"``. Naming a backend that cannot start raises
         :class:`BackendError` with the reason. ``precision`` defaults to the fastest one that
         passed the gate on the chosen engine. ``tta=False`` skips the spec's test-time mirroring
-        (1 network pass per window instead of 2^len(mirror_axes)).
+        (1 network pass per window instead of 2^len(mirror_axes)). ``"triton://HOST:PORT/MODEL"``
+        segments through a Triton server serving this bundle (:mod:`edgeseg.triton.client`).
         """
+        if backend.startswith("triton://"):
+            from edgeseg.triton.client import TritonSegmenter
+
+            return TritonSegmenter.open(backend, bundle, tta=tta)  # type: ignore[return-value]
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if backend not in BACKENDS:
             raise ValueError(f"'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
