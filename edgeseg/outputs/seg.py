@@ -144,7 +144,16 @@ def write_seg(
     refusal = "asked for" if writer == "highdicom" else seg_fast.refusal(sources, len(spec), empty)
     if refusal is None:
         logger.debug("DICOM SEG: fast writer (%d planes)", len(sources.planes))
-        return _write_fast(hd, sources, descriptions, path, first, manufacturer, series_description)
+        key = (
+            tuple(
+                (lab.value, lab.name, tuple(lab.color), tuple(lab.category), lab.type and tuple(lab.type))
+                for lab in spec
+            ),
+            str(algorithm_name),
+            str(algorithm_version),
+            None if mean_conf is None else tuple(f"{c:.4f}" for c in mean_conf),
+        )
+        return _write_fast(hd, sources, descriptions, key, path, first, manufacturer, series_description)
     if writer == "fast":
         raise OutputError(f"the fast SEG writer does not cover these sources: {refusal}")
     logger.debug("DICOM SEG: highdicom writer (%s)", refusal)
@@ -188,7 +197,9 @@ def write_seg(
     return Path(path)
 
 
-def _write_fast(hd, sources, descriptions, path, first, manufacturer: str, series_description: str) -> Path:
+def _write_fast(
+    hd, sources, descriptions, segments_key, path, first, manufacturer: str, series_description: str
+) -> Path:
     try:
         data = seg_fast.encode_seg(
             sources,
@@ -202,6 +213,7 @@ def _write_fast(hd, sources, descriptions, path, first, manufacturer: str, serie
             device_serial_number="0",
             series_description=series_description,
             specific_character_set=_character_set(hd, first),
+            segments_key=segments_key,
         )
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, NotImplementedError) as exc:
         # The same errors, said the same way, as from highdicom's Segmentation.
