@@ -52,6 +52,8 @@ def _register() -> None:
         ("validate", "command"),
         ("bench", "command"),
         ("doctor", "command"),
+        ("triton", "export_triton"),
+        ("triton", "triton"),
     ):
         try:
             mod = importlib.import_module(f"edgeseg.cli.{module}")

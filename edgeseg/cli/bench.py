@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from edgeseg.cli._common import echo_json, table
+from edgeseg.cli.triton import BACKEND
 
 STAGES = ("read", "preprocess", "h2d", "infer", "postprocess", "d2h", "write")
 
@@ -29,6 +30,7 @@ def bench(
     iterations: int = 10,
     warmup: int = 2,
     write: bool = True,
+    tta: bool = True,
 ) -> dict:
     """Run the full pipeline ``iterations`` times on INPUT and summarise per-stage latency."""
     from edgeseg.outputs import write_outputs
@@ -36,7 +38,7 @@ def bench(
     from edgeseg.segmenter import Segmenter
 
     t_open = time.perf_counter()
-    seg = Segmenter.open(bundle, backend=backend, precision=precision, threads=threads)
+    seg = Segmenter.open(bundle, backend=backend, precision=precision, threads=threads, tta=tta)
     open_ms = (time.perf_counter() - t_open) * 1e3
     per_stage: dict[str, list[float]] = {}
     totals: list[float] = []
@@ -90,17 +92,19 @@ def bench(
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "cpu", "openvino", "onnxruntime", "tensorrt"]),
+    type=BACKEND,
     default="auto",
     show_default=True,
+    help="A local engine, or triton://HOST:PORT/MODEL: segment through a Triton server (edgeseg export-triton).",
 )
+@click.option("--no-tta", is_flag=True, help="Skip test-time mirroring (one network pass per window).")
 @click.option("--precision", default=None)
 @click.option("--threads", type=int, default=None)
 @click.option("-n", "--iterations", default=10, show_default=True)
 @click.option("--warmup", default=2, show_default=True)
 @click.option("--no-write", is_flag=True, help="Leave the SEG writing stage out.")
 @click.option("--json", "as_json", is_flag=True)
-def command(bundle, inputs, backend, precision, threads, iterations, warmup, no_write, as_json):
+def command(bundle, inputs, backend, no_tta, precision, threads, iterations, warmup, no_write, as_json):
     """Time read → preprocess → infer → postprocess → write on INPUT (one series) with BUNDLE."""
     r = bench(
         bundle,
@@ -111,6 +115,7 @@ def command(bundle, inputs, backend, precision, threads, iterations, warmup, no_
         iterations=iterations,
         warmup=warmup,
         write=not no_write,
+        tta=not no_tta,
     )
     if as_json:
         echo_json(r)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgeseg.cli._common import echo_json, parse_list, table
+from edgeseg.cli.triton import BACKEND
 
 FORMATS = ("seg", "nifti", "png")
 STAGES = ("read", "preprocess", "h2d", "infer", "postprocess", "d2h", "write")
@@ -22,10 +23,12 @@ STAGES = ("read", "preprocess", "h2d", "infer", "postprocess", "d2h", "write")
 @click.option("--format", "formats", default="seg", show_default=True, help="Comma list of seg, nifti, png.")
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "cpu", "openvino", "onnxruntime", "tensorrt"]),
+    type=BACKEND,
     default="auto",
     show_default=True,
+    help="A local engine, or triton://HOST:PORT/MODEL: segment through a Triton server (edgeseg export-triton).",
 )
+@click.option("--no-tta", is_flag=True, help="Skip test-time mirroring (one network pass per window).")
 @click.option("--precision", default=None, help="Override the bundle's recorded precision choice.")
 @click.option("--threads", type=int, default=None, help="CPU inference threads (default: all cores).")
 @click.option("--confidence", is_flag=True, help="Also compute per-voxel confidence.")
@@ -83,6 +86,7 @@ def run(
     out_dir,
     formats,
     backend,
+    no_tta,
     precision,
     threads,
     confidence,
@@ -123,6 +127,10 @@ def run(
         raise click.UsageError(
             "'--series-time-limit' needs isolation; it cannot be combined with --no-isolate"
         )
+    if no_tta and (listen or watch or frames):
+        raise click.UsageError(
+            "'--no-tta' applies to folder and file runs (export a --no-tta model for Triton)"
+        )
     if listen or watch:
         from edgeseg.stream.tls import TLSConfig
 
@@ -160,7 +168,7 @@ def run(
     from edgeseg.run import run_inputs
     from edgeseg.segmenter import Segmenter
 
-    seg = Segmenter.open(bundle, backend=backend, precision=precision, threads=threads)
+    seg = Segmenter.open(bundle, backend=backend, precision=precision, threads=threads, tta=not no_tta)
     failures: list[str] = []
     counter = {"n": 0}
 
