@@ -102,9 +102,19 @@ class WindowPlan:
         self.starts: list[Start] = list(itertools.product(*per_axis))  # slab order: axis 0 outermost
         edges = [_cells(s, p) for s, p in zip(per_axis, self.patch)]
         self.slabs = list(zip(edges[0][:-1], edges[0][1:]))  # (first row, end row) along axis 0
+        self._edges = edges
+        self._inv: dict[tuple, np.ndarray] = {}
+        self._inv_bytes = 0
+
+    # -- the blend layout: computed on first use (the GPU path takes only starts and batches) --
+    @functools.cached_property
+    def pieces(self) -> list[list[_Piece]]:
+        """Per window, the pieces of its blend: for each slab it touches, its in-plane blocks
+        merged into runs that are all first writes or all additions."""
+        edges = self._edges
         index = [{e: i for i, e in enumerate(ax)} for ax in edges]
-        self.pieces: list[list[_Piece]] = []
-        self.last = [0] * len(self.slabs)  # the last window that touches each slab
+        out: list[list[_Piece]] = []
+        self._last = [0] * len(self.slabs)
         self._covering: list[list[int]] = [[] for _ in self.slabs]
         touched: set[tuple[int, int, int]] = set()
         for w, st in enumerate(self.starts):
@@ -112,10 +122,9 @@ class WindowPlan:
             pieces: list[_Piece] = []
             for j in span[0]:
                 lo, hi = self.slabs[j]
-                self.last[j] = w
+                self._last[j] = w
                 self._covering[j].append(w)
                 rows = slice(lo - st[0], hi - st[0])
-                # In-plane blocks of this slab, merged into runs with the same first-write flag.
                 lines: list[tuple[int, int, tuple]] = []  # (u0, u1, runs along axis 2)
                 for u in span[1]:
                     runs: list[list] = []
@@ -138,10 +147,27 @@ class WindowPlan:
                         xs = slice(edges[2][v0], edges[2][v1])
                         wx = slice(xs.start - st[2], xs.stop - st[2])
                         pieces.append((j, rows, (ys, xs), (wy, wx), fresh))
-            self.pieces.append(pieces)
-        self._inv: dict[tuple, np.ndarray] = {}
-        self._inv_bytes = 0
-        self.ring_rows, self.slab_at = self._ring()
+            out.append(pieces)
+        return out
+
+    @property
+    def last(self) -> list[int]:
+        """The last window that touches each slab."""
+        self.pieces  # noqa: B018 (computes it)
+        return self._last
+
+    @functools.cached_property
+    def _ring_layout(self) -> tuple[int, list[int]]:
+        return self._ring()
+
+    @property
+    def ring_rows(self) -> int:
+        return self._ring_layout[0]
+
+    @property
+    def slab_at(self) -> list[int]:
+        """Where each slab starts in the ring buffer (rows)."""
+        return self._ring_layout[1]
 
     def _ring(self) -> tuple[int, list[int]]:
         """The fewest rows of one circular buffer that hold every open slab, and where each slab
@@ -183,6 +209,7 @@ class WindowPlan:
         """1 / (sum of the window weights) over slab ``j``: summed in the blend's order, so it is
         the whole-volume sum's value there; slabs that meet the same windows share one array."""
         lo = self.slabs[j][0]
+        self.pieces  # noqa: B018 (computes _covering)
         key = (self.slabs[j][1] - lo, tuple(lo - self.starts[w][0] for w in self._covering[j]))
         inv = self._inv.get(key)
         if inv is not None:

@@ -39,8 +39,8 @@ from edgeseg.cuda.plan import (
     slice_batches,
     source_tables,
 )
-from edgeseg.preprocess import gaussian_importance, window_starts
 from edgeseg.result import SegmentationResult
+from edgeseg.sliding_window import WindowPlan, window_weights
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
@@ -455,9 +455,9 @@ class GpuPipeline:
         patch = tuple(int(p) for p in spec.patch_size)
         vol = self._bufs.get("volume", c_in * int(np.prod(padded)) * 4)
         self._preprocess_program(prog, plans, srcs, vol.ptr, output_strides(spec, padded), False)
-        starts = [(a, b, c) for a in window_starts(padded[0], patch[0], spec.overlap)
-                  for b in window_starts(padded[1], patch[1], spec.overlap)
-                  for c in window_starts(padded[2], patch[2], spec.overlap)]  # fmt: skip
+        # The CPU path's window plan (edgeseg.sliding_window): the same starts, order and weights.
+        plan = WindowPlan(padded, patch, spec.overlap, window_weights(patch, spec.window_weights))
+        starts = plan.starts
         bs = min(spec.batch_size, len(starts))
         in_item, out_item = (2 if self._half_in else 4), (2 if self._half_out else 4)
         x = self._bufs.get("input", bs * c_in * int(np.prod(patch)) * in_item)
@@ -465,7 +465,7 @@ class GpuPipeline:
         out_shape = be.bind(shape, x.ptr)
         y = self._bufs.get("output", int(np.prod(out_shape)) * out_item)
         k_out = out_shape[1]
-        weight = self._upload("importance", gaussian_importance(patch))
+        weight = self._upload("importance", plan.weight)
         n_vox = int(np.prod(padded))
         acc = self._bufs.get("acc", k_out * n_vox * 4)
         wsum = self._bufs.get("wsum", n_vox * 4)
@@ -476,15 +476,16 @@ class GpuPipeline:
         prog.record(ev["infer"][0])
         acc_fn = "sw_accumulate_f16" if self._half_out else "sw_accumulate_f32"
         dims = [i32(v) for v in padded]
-        for i in range(0, len(starts), bs):
-            group = starts[i : i + bs]
-            # A short last batch is filled up with its last window (run, never accumulated).
-            for j in range(bs):
-                a, b, c = group[min(j, len(group) - 1)]
+        # One input shape for every enqueue (a CUDA graph cannot span a shape change): a short
+        # last batch is filled up with its last window, run but never accumulated.
+        for group in plan.batches(bs, fill=True):
+            for j, w in enumerate(group):
+                a, b, c = starts[w]
                 prog.launch("sw_extract", c_in * int(np.prod(patch)), [u64(vol.ptr), u64(x.ptr), i32(int(self._half_in)),
                             i32(j), i32(c_in), *dims, *[i32(v) for v in patch], i32(a), i32(b), i32(c)])  # fmt: skip
             prog.infer(be, shape, x.ptr, y.ptr)
-            for j, (a, b, c) in enumerate(group):
+            for j, w in enumerate(dict.fromkeys(group)):  # the windows themselves, not the fill
+                a, b, c = starts[w]
                 prog.launch(acc_fn, int(np.prod(patch)), [u64(y.ptr), i32(j), i32(k_out), *[i32(v) for v in patch],
                             u64(weight), u64(acc.ptr), u64(wsum.ptr), *dims, i32(a), i32(b), i32(c)])  # fmt: skip
         prog.record(ev["infer"][1])
