@@ -48,6 +48,7 @@ _LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "
 # highdicom's check of Content Label (its stricter form of CS).
 _CONTENT_LABEL_RE = re.compile(r"[A-Z][A-Z0-9_ ]{0,15}")
 _ITEM = b"\xfe\xff\x00\xe0"
+_PLAIN_DS = re.compile(rb"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def refusal(sources: SegSources, n_segments: int, empty: bool) -> str | None:
@@ -84,11 +85,11 @@ def refusal(sources: SegSources, n_segments: int, empty: bool) -> str | None:
     if not _CONTENT_LABEL_RE.fullmatch(f"{modality}_SEG"):
         return "the source Modality does not make a valid Content Label"
     key = _same_series_key(first)
-    iop = _floats(first.get("ImageOrientationPatient")) if not multiframe else None
+    iop = _floats(_value(first, "ImageOrientationPatient")) if not multiframe else None
     for image in images:
         if _same_series_key(image) != key:
             return "the sources differ in study, series, size or Frame of Reference"
-        if not multiframe and _floats(image.get("ImageOrientationPatient")) != iop:
+        if not multiframe and _floats(_value(image, "ImageOrientationPatient")) != iop:
             return "the sources do not share one orientation"
     if (int(first.Rows), int(first.Columns)) != planes.shape[1:]:
         return "the planes do not have the sources' rows and columns"
@@ -196,7 +197,11 @@ def encode_seg(
     frames = [(s, p) for s in range(1, n_segments + 1) for p in kept if present[s - 1, p]]
     header.NumberOfFrames = len(frames)
     uids = [
-        (_ascii(im[0x00080016].value), _ascii(im[0x00080018].value), str(im[0x0020000E].value))
+        (
+            _ascii(_value(im, "SOPClassUID")),
+            _ascii(_value(im, "SOPInstanceUID")),
+            str(_value(im, "SeriesInstanceUID")),
+        )
         for im in sources.images
     ]  # SOP class, SOP instance, series of each source image
     references_items = [_el(0x00081150, "UI", c) + _el(0x00081155, "UI", i) for c, i, _ in uids]
@@ -230,8 +235,10 @@ def _classic_geometry(sources: SegSources):
         slice_thickness=first.SliceThickness,
         spacing_between_slices=first.get("SpacingBetweenSlices", None),
     )
-    positions = [_ds_text(im.ImagePositionPatient) for im in sources.images]
-    references = [(str(im[0x00080016].value), str(im[0x00080018].value), None) for im in sources.images]
+    positions = [_position(im) for im in sources.images]
+    references = [
+        (str(_value(im, "SOPClassUID")), str(_value(im, "SOPInstanceUID")), None) for im in sources.images
+    ]
     return orientation, measures, positions, references
 
 
@@ -497,9 +504,32 @@ def _ds_text(values) -> tuple[str, list[float]]:
 def _same_series_key(image):
     """What highdicom requires all source images to share."""
     return tuple(
-        image[tag].value if tag in image else None
-        for tag in (0x0020000D, 0x0020000E, 0x00280010, 0x00280011, 0x00200052)
+        _value(image, k)
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns", "FrameOfReferenceUID")
     )
+
+
+def _value(ds, keyword: str):
+    """The element's value as pydicom gives it, read from the raw bytes where they are plain
+    (:func:`edgeseg.dicom.elements.get`): a SEG reads a few values of every slice, and pydicom
+    converts each element it is asked for."""
+    from edgeseg.dicom import elements
+
+    return elements.get(ds, keyword)
+
+
+def _position(image) -> tuple[str, list[float]]:
+    """Image Position (Patient) as :func:`_ds_text` gives it, from the raw bytes when they are
+    plain decimal strings of valid DS length (pydicom would keep those strings as they are)."""
+    from pydicom.dataelem import RawDataElement
+
+    elem = image._dict.get(0x00200032)
+    raw = elem.value if elem is not None and elem.__class__ is RawDataElement else None
+    if raw and elem.VR in (None, "DS") and raw.isascii():
+        texts = [part.strip(b" ") for part in raw.rstrip(b" \x00").split(b"\\")]
+        if all(_PLAIN_DS.fullmatch(t) and len(t) <= 16 for t in texts):
+            return "\\".join(t.decode() for t in texts), [float(t) for t in texts]
+    return _ds_text(image.ImagePositionPatient)
 
 
 def _floats(values):

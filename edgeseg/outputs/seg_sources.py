@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydicom.dataelem import DataElement as _DATA_ELEMENT
 
+from edgeseg.dicom import elements as el
 from edgeseg.outputs._common import OutputError
 from edgeseg.volume import Volume
 
@@ -454,23 +454,13 @@ def _is_multiframe(ds) -> bool:
 
 
 def _get(ds, keyword: str):
-    """``ds.get(keyword)``, None for a value pydicom cannot decode. An element already converted
-    is read from the dataset's dict directly (``ds.get`` costs ~6 µs, and a SEG asks ~7 per slice)."""
-    tag = _TAGS.get(keyword)
-    if tag is None:
-        from pydicom.datadict import tag_for_keyword
-
-        tag = _TAGS[keyword] = tag_for_keyword(keyword)
-    elem = ds._dict.get(tag) if tag is not None else None
-    if elem is not None and elem.__class__ is _DATA_ELEMENT:
-        return elem.value
+    """``ds.get(keyword)``, None for a value pydicom cannot decode. Plain UI, DS, IS, US and CS
+    values are parsed from the raw bytes (:func:`edgeseg.dicom.elements.get`: pydicom's value,
+    without converting the element), so writing a SEG does not convert every slice's header."""
     try:
-        return ds.get(keyword)
+        return el.get(ds, keyword)
     except Exception:  # noqa: BLE001 (a value pydicom cannot decode counts as absent)
         return None
-
-
-_TAGS: dict[str, int | None] = {}
 
 
 def _has(ds, keyword: str) -> bool:
