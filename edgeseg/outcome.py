@@ -24,6 +24,9 @@ class SeriesOutcome:
     part_key: str | None = None
     # The listener's per-series outcome of a split series: one outcome per part.
     parts: list[SeriesOutcome] = field(default_factory=list)
+    # The failure may pass by itself (the inference server is unreachable now): the listener
+    # keeps the series and tries it again later instead of setting it aside.
+    transient: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -36,5 +39,6 @@ class SeriesOutcome:
             "outputs": self.outputs,
             "timings_ms": {k: round(v, 2) for k, v in self.timings.items()},
             "warnings": self.warnings,
+            **({"transient": True} if self.transient else {}),
             **({"parts": [p.to_dict() for p in self.parts]} if self.parts else {}),
         }

@@ -169,6 +169,7 @@ def _split_outcome(source: str, outcomes: list[SeriesOutcome]) -> SeriesOutcome:
     ``error@<part key>``; ``ok`` when at least one part was segmented."""
     ok = [o for o in outcomes if o.status == "ok"]
     total = SeriesOutcome(source, "ok" if ok else "failed", series=outcomes[0].series, parts=outcomes)
+    total.transient = any(o.transient for o in outcomes)  # a part to try again: the whole series
     for o in outcomes:
         key = o.part_key or "?"
         for fmt, path in o.outputs.items():
@@ -205,7 +206,7 @@ def _one_series(segmenter, files, scan, out_dir, *, formats, source: str) -> Ser
         raise
     except BaseException as exc:  # noqa: BLE001 (a listener must outlive any one series; native
         # decoders raise BaseExceptions such as pyo3's PanicException)
-        return SeriesOutcome(source, "failed", error=_error_line(source, exc))
+        return SeriesOutcome(source, "failed", error=_error_line(source, exc), transient=_transient(exc))
     outcome.timings = {"read": read_ms, **outcome.timings}
     return outcome
 
@@ -232,7 +233,13 @@ def _one_part(segmenter, ref, out_dir, *, formats, source: str, out) -> SeriesOu
     except BaseException as exc:  # noqa: BLE001 (one part never costs the others)
         error = _error_line(source, exc)
         return SeriesOutcome(
-            source, "failed", error=error, series=series, part=ref.part or None, part_key=ref.part_key or None
+            source,
+            "failed",
+            error=error,
+            series=series,
+            part=ref.part or None,
+            part_key=ref.part_key or None,
+            transient=_transient(exc),
         )
     outcome.timings = {"read": read_ms, **outcome.timings}
     return outcome
@@ -240,6 +247,11 @@ def _one_part(segmenter, ref, out_dir, *, formats, source: str, out) -> SeriesOu
 
 # Interrupts mean "stop", not "bad series": they are never turned into a failed outcome.
 _STOP = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _transient(exc: BaseException) -> bool:
+    # ServiceUnavailableError (edgeseg._exceptions): the server may answer later.
+    return bool(getattr(exc, "transient", False))
 
 
 def _error_line(source: str, exc: BaseException) -> str:
@@ -320,6 +332,7 @@ def run_inputs(
                         series=series_stem(job.uid, job.source)[7:19] if job.uid else None,
                         part=job.part or None,
                         part_key=job.part_key or None,
+                        transient=_transient(err),
                     )
             outcomes.append(outcome)
             if on_outcome is not None:

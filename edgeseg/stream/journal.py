@@ -300,12 +300,15 @@ class Journal:
             )
         return True
 
-    def retry_later(self, claim: Claim, reason: str, delay_s: float) -> None:
-        """Put a series whose run failed for a transient reason back to complete, after a delay."""
+    def retry_later(self, claim: Claim, reason: str, delay_s: float, *, count_attempt: bool = True) -> None:
+        """Put a series whose run failed for a transient reason back to complete, after a delay.
+        ``count_attempt=False``: the run never reached the model (its server is down), so it
+        does not count towards the attempts that set a series aside."""
         with self._tx() as db:
             db.execute(
                 "UPDATE series SET state='complete', reason=?, not_before=?, updated=?"
-                " WHERE key=? AND generation=? AND state='processing'",
+                + ("" if count_attempt else ", attempts=MAX(attempts-1, 0)")
+                + " WHERE key=? AND generation=? AND state='processing'",
                 (reason, time.time() + delay_s, time.time(), claim.series_key, claim.generation),
             )
 

@@ -44,7 +44,9 @@ class Worker(PollingThread):
         planes, MOSAIC instances) has outputs keyed ``<format>@<part key>``, one per part, and
         ``error@<part key>`` for a part that could not be segmented (recorded, not
         quarantined). An exception is taken as transient (e.g. the device is busy) and retried
-        with back-off, up to ``max_attempts``, then quarantined.
+        with back-off, up to ``max_attempts``, then quarantined. An outcome marked ``transient``
+        (its inference server is unreachable) waits in the journal and is retried without
+        counting the attempt, however long the server is away.
     out_dir:
         Where outputs go.
     series_timeout_s:
@@ -80,6 +82,7 @@ class Worker(PollingThread):
         self.done = 0
         self.failed = 0
         self.busy = False
+        self._service_waits = 0  # consecutive series that found the inference server away
         self._init_polling("edgeseg-worker", poll_s)
 
     # Stopping finishes the series in hand (checkpointed in the journal either way).
@@ -133,6 +136,11 @@ class Worker(PollingThread):
         finally:
             self.busy = False
         ms = (time.perf_counter() - t0) * 1e3
+        if getattr(outcome, "transient", False):
+            # The inference server is unreachable: the series waits in the journal, uncounted.
+            self._wait_for_service(claim, _scrub(outcome.error or "service unavailable", self.spool.root))
+            return
+        self._service_waits = 0
         if outcome.status != "ok":
             self.failed += 1
             reason = outcome.error or "the series could not be processed"
@@ -175,6 +183,20 @@ class Worker(PollingThread):
             f"{claim.attempts - 1} runs of this series never finished (the service stopped or was"
             " killed while it ran, e.g. for lack of memory), so it is not tried again",
             generation=claim.generation,
+        )
+
+    def _wait_for_service(self, claim: Claim, reason: str) -> None:
+        # Back-off over consecutive waits (any series), not this series' attempts: all of them
+        # wait for the same server. Linear and capped, so a server that is back is used within 30 s.
+        self._service_waits += 1
+        delay = min(30.0, 2.0 * self._service_waits)
+        self.journal.retry_later(claim, reason, delay, count_attempt=False)
+        event(
+            "series_waiting",
+            logging.WARNING,
+            series=claim.series_key[:12],
+            retry_in_s=delay,
+            reason=reason[:200],
         )
 
     def _transient(self, claim: Claim, reason: str) -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
@@ -35,15 +35,32 @@ _RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "CANCELL
 _STORED_INPUT = {np.dtype(np.int16): "STORED_INT16", np.dtype(np.uint16): "STORED_UINT16"}
 
 
-def parse_target(target: str) -> tuple[str, str]:
-    """``triton://HOST:PORT/MODEL`` → (``HOST:PORT``, ``MODEL``); ValueError naming the problem."""
+def parse_target(target: str) -> tuple[str, str, dict[str, float]]:
+    """``triton://HOST:PORT/MODEL[?timeout=S&wait=S]`` → (``HOST:PORT``, ``MODEL``, options).
+
+    ``timeout``: seconds one request may take (default 300); ``wait``: seconds to keep retrying
+    an unreachable server before giving the series up for now (default 30). ValueError naming
+    the problem otherwise."""
+    form = "triton://HOST:PORT/MODEL[?timeout=SECONDS&wait=SECONDS]"
     if not target.startswith(SCHEME):
-        raise ValueError(f"a Triton backend is written triton://HOST:PORT/MODEL, got {target!r}")
+        raise ValueError(f"a Triton backend is written {form}, got {target!r}")
     parts = urlsplit(target)
     model = parts.path.strip("/")
+    try:
+        port = parts.port or 8001
+    except ValueError:
+        raise ValueError(f"a Triton backend is written {form}, got {target!r}") from None
     if not parts.hostname or not model or "/" in model:
-        raise ValueError(f"a Triton backend is written triton://HOST:PORT/MODEL, got {target!r}")
-    return f"{parts.hostname}:{parts.port or 8001}", model
+        raise ValueError(f"a Triton backend is written {form}, got {target!r}")
+    options: dict[str, float] = {}
+    for key, values in parse_qs(parts.query, keep_blank_values=True).items():
+        if key not in ("timeout", "wait"):
+            raise ValueError(f"{target!r}: unknown option {key!r} (known: timeout, wait)")
+        try:
+            options[f"{key}_s"] = float(values[-1])
+        except ValueError:
+            raise ValueError(f"{target!r}: {key} must be a number of seconds, got {values[-1]!r}") from None
+    return f"{parts.hostname}:{port}", model, options
 
 
 def _grpc():
@@ -97,9 +114,10 @@ class TritonSegmenter:
         wait_s: float = 30.0,
     ) -> TritonSegmenter:
         """Connect, check that MODEL is ready and serves this very bundle; one-sentence errors."""
-        url, model = parse_target(target)
+        url, model, options = parse_target(target)
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        seg = cls(url, model, b, timeout_s=timeout_s, wait_s=wait_s)
+        options = {"timeout_s": timeout_s, "wait_s": wait_s, **options}
+        seg = cls(url, model, b, **options)
         seg._connect()
         server_tta = seg.parameters.get("TTA", "true") != "false"
         if server_tta != tta:
@@ -143,6 +161,14 @@ class TritonSegmenter:
                 f"{where}: model '{self.model}' serves another bundle than {self.bundle.path.name} "
                 f"(manifest sha256 {theirs[:12]} there, {mine[:12]} here); export this bundle or use its file"
             )
+
+    def _reconnect(self) -> None:
+        # A fresh channel: gRPC's own reconnect back-off grows to minutes while a server is away.
+        try:
+            self._client.close()
+        except Exception:  # noqa: BLE001 (a broken channel may fail to close; it is dropped)
+            pass
+        self._client = _grpc().InferenceServerClient(self.url)
 
     def _models_line(self) -> str:
         try:
@@ -236,6 +262,7 @@ class TritonSegmenter:
                 log.warning("Triton at %s: %s; retrying in %.1f s", self.url, code, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
+                self._reconnect()
 
     def describe(self) -> dict:
         groups = self.config.get("instance_group") or [{}]
