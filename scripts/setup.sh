@@ -28,5 +28,20 @@ if $PIP install -q --no-deps "nnunetv2==2.8.1" \
 else
   echo "warning: nnunetv2 not installed; tests/test_nnunet_import.py will skip" >&2
 fi
+# Triton (tests/test_triton.py and `edgeseg triton serve` skip/refuse without it). The gRPC client
+# (the `triton` extra) and nvidia-pytriton's tritonserver binary; pytriton itself pins numpy<2 and
+# protobuf<7 for its own Python API, which edgeseg does not use: the wheel --no-deps. Its Python
+# backend stub is built against NumPy 1.x, so the stubs get NumPy 1.26 in a folder of their own
+# (edgeseg.triton.server.stub_python_bin). Failure-tolerant like the block above.
+if $PIP install -q --no-deps "tritonclient==2.73.0" "nvidia-pytriton==0.7.0" \
+  && $PIP install -q "grpcio>=1.81.1" python-rapidjson packaging "ml-dtypes<=0.5.4" urllib3 \
+  && $PIP install -q --no-deps --target \
+    "$(.venv/bin/python -c 'from edgeseg.triton.server import stub_site_packages as s; print(s())')" \
+    "numpy==1.26.4"; then
+  .venv/bin/python -c "from edgeseg.triton.server import find_install, stub_python_bin; find_install(); stub_python_bin(); print('tritonserver ready to start')" \
+    || echo "warning: the tritonserver wheel cannot run here; tests/test_triton.py will skip" >&2
+else
+  echo "warning: Triton packages not installed; tests/test_triton.py will skip" >&2
+fi
 .venv/bin/python -c "import torch; print('torch', torch.__version__)"  # 2.13.0+cpu expected here
 .venv/bin/python -c "import edgeseg, onnxruntime; print('edgeseg', edgeseg.__version__, 'with onnxruntime', onnxruntime.__version__)"
