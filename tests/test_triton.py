@@ -8,6 +8,7 @@ tritonserver wheel or the gRPC client is not installed or cannot run here.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -71,6 +72,7 @@ def served(request, tmp_path_factory, tiny):
     repo = tmp_path_factory.mktemp("triton") / "repo"
     models = {"tiny": tiny}
     write_repository(tiny, repo, model_name="tiny", backend="onnxruntime")
+    write_repository(tiny, repo, model_name="tiny-batched", backend="onnxruntime", max_batch=4)
     try:
         brain = request.getfixturevalue("brain_bundle")
     except pytest.skip.Exception:
@@ -114,6 +116,37 @@ def test_2d_labels_through_triton_equal_the_local_run(served, dicom_data):
     # Stored pixels cross the wire as stored (2 bytes a voxel), not as float32.
     geometry = vol.shape[0] * 16 + 3 * 8 + 16 * 8
     assert sent == vol.stored.nbytes + geometry
+
+
+def test_2d_dynamic_batching_returns_each_clients_own_labels(served, dicom_data):
+    """Concurrent clients on a max_batch_size model: Triton hands several requests to one
+    execute(); every client gets the labels of its own series."""
+    import threading
+    import urllib.request
+
+    from edgeseg.segmenter import Segmenter
+
+    server, models = served
+    vols = [_read(dicom_data, *SAG), _read(dicom_data, *TCIA, TCIA_SERIES[1])]
+    with Segmenter.open(models["tiny"], backend="onnxruntime") as local:
+        expected = [local.segment(v).labels for v in vols]
+    results: list[bool] = []
+
+    def client(i: int) -> None:
+        with Segmenter.open(models["tiny"], backend=f"triton://{server.grpc_url}/tiny-batched") as seg:
+            for _ in range(3):
+                results.append(bool(np.array_equal(seg.segment(vols[i % 2]).labels, expected[i % 2])))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [True] * 12
+    url = f"http://{server.host}:{server.http_port}/v2/models/tiny-batched/stats"
+    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (loopback)
+        stats = json.loads(r.read())["model_stats"][0]
+    assert int(stats["inference_count"]) == 12
 
 
 def test_3d_labels_through_triton_equal_the_local_run(served, dicom_data):
