@@ -4,8 +4,9 @@ and highdicom's ``Segmentation``, through ``write_seg(..., writer=...)`` on the 
 Cases: the real 40-slice TCIA hippocampus crop (MR, ~51×35) with labels shaped like the model's
 (two segments on 24 slices), and a 176×256×256 MR-sized series written here with
 ``edgeseg.dicom.write_series`` (two ellipsoids spanning ~60 % of the slices). The writers are
-alternated (fast, highdicom, fast, …) after one warm-up each; the table gives best and median
-of N and the ratio of the bests. Each run includes the atomic write with fsync, as in production.
+alternated (fast, highdicom, fast, …) after one warm-up each, each on a freshly read Volume (as
+for a new series); the table gives best and median of N and the ratio of the bests. Each run
+includes the atomic write with fsync, as in production.
 
 Usage::
 
@@ -48,7 +49,7 @@ def hippocampus_case():
     labels = np.zeros(volume.shape, np.uint8)
     labels[8:32, ny // 4 : ny // 2, nx // 4 : nx // 2] = 1
     labels[8:30, ny // 2 : ny * 3 // 4, nx // 2 : nx * 3 // 4] = 2
-    return f"hippocampus MR 40×{ny}×{nx} (real)", volume, labels
+    return f"hippocampus MR 40×{ny}×{nx} (real)", lambda: read_volume(files), labels
 
 
 def mr_case(folder: Path):
@@ -56,33 +57,30 @@ def mr_case(folder: Path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 1000, size=shape, dtype=np.int16)
     files = write_series(image, folder, spacing=(1.0, 1.0, 1.0), modality="MR", fsync=False)
-    volume = read_volume(files)
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     labels = np.zeros(shape, np.uint8)
     labels[((z - 88) / 50.0) ** 2 + ((y - 110) / 60.0) ** 2 + ((x - 100) / 50.0) ** 2 <= 1] = 1
     labels[((z - 90) / 40.0) ** 2 + ((y - 150) / 30.0) ** 2 + ((x - 170) / 40.0) ** 2 <= 1] = 2
-    return "MR 176×256×256 (synthetic series)", volume, labels
+    return "MR 176×256×256 (synthetic series)", lambda: read_volume(files), labels
 
 
-def timed(fn) -> float:
+def timed_write(writer: str, load, labels, out: Path) -> float:
+    """One write of a freshly read Volume (as for a new series: no header element converted yet)."""
+    volume = load()
     gc.collect()
     t = time.perf_counter()
-    fn()
+    write_seg(labels, volume, SPEC, out / f"{writer}.dcm", writer=writer, **ALGO)
     return (time.perf_counter() - t) * 1e3
 
 
-def run(name, volume, labels, repeats: int, out: Path) -> str:
+def run(name, load, labels, repeats: int, out: Path) -> str:
     writers = ("fast", "highdicom")
     runs = {w: [] for w in writers}
-
-    def write(w):
-        return lambda: write_seg(labels, volume, SPEC, out / f"{w}.dcm", writer=w, **ALGO)
-
     for w in writers:  # warm-up
-        write(w)()
+        timed_write(w, load, labels, out)
     for _ in range(repeats):
         for w in writers:
-            runs[w].append(timed(write(w)))
+            runs[w].append(timed_write(w, load, labels, out))
     fast, hd = min(runs["fast"]), min(runs["highdicom"])
     frames = {w: (out / f"{w}.dcm").stat().st_size for w in writers}
     return (
