@@ -141,7 +141,10 @@ def write_seg(
             f"the source headers cannot describe this Volume for a DICOM SEG ({reason})"
         ) from None
     first = sources.images[0]
-    refusal = "asked for" if writer == "highdicom" else seg_fast.refusal(sources, len(spec), empty)
+    try:
+        refusal = "asked for" if writer == "highdicom" else seg_fast.refusal(sources, len(spec), empty)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+        refusal = "a source header value it checks cannot be read"  # highdicom says which
     if refusal is None:
         logger.debug("DICOM SEG: fast writer (%d planes)", len(sources.planes))
         key = (
