@@ -20,7 +20,7 @@ from edgeseg.backends.base import Backend
 from edgeseg.bundle import Bundle
 from edgeseg.preprocess import Prepared, Preprocessor, labels_to_source, output_to_source_grid, to_labels
 from edgeseg.result import SegmentationResult
-from edgeseg.sliding_window import SlabBlender, WindowPlan, mirror_sets, window_weights
+from edgeseg.sliding_window import SlabBlender, WindowPlan, mirror_sets, split_rows, window_weights
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
@@ -60,6 +60,8 @@ class Segmenter:
         self.tta = tta
         self._window_plan: tuple[tuple, WindowPlan] | None = None  # the last grid's windows
         self._ring: np.ndarray | None = None  # the slab buffer, kept for the next volume
+        # the engine's threads also split the blend and argmax (run while the engine is idle)
+        self._threads = _engine_threads(backend)
         # Every non-empty combination of the spec's mirror axes (array axes of (N, C, *spatial)),
         # in nnU-Net's order; the plain pass comes first.
         self._mirrors = mirror_sets(spec.mirror_axes, 2) if tta else []
@@ -213,7 +215,8 @@ class Segmenter:
         else:
             src = x  # the preprocessed padding (≥ patch, divisible_by)
         size = src.shape[:chan_axis] + src.shape[chan_axis + 1 :]
-        plan = self._plan(size, win)
+        # only the image inside the padding is blended (the windows still cover the padding)
+        plan = self._plan(size, win, tuple((o, o + g) for o, g in zip(off, grid)))
         c_in = src.shape[chan_axis]
         bs = spec.batch_size
         if self._batch is None or self._batch.shape[1:] != (c_in, *patch) or self._batch.shape[0] < bs:
@@ -227,21 +230,22 @@ class Segmenter:
         kept: list[np.ndarray] = []
 
         def finish(lo: int, hi: int, slab: np.ndarray) -> None:
-            # slab rows [lo, hi) of the windowed array → grid rows [r0, r1)
-            r0, r1 = max(lo - off[0], 0), min(hi - off[0], grid[0])
-            if r1 <= r0:
-                return
-            rows = slice(r0 + off[0] - lo, r1 + off[0] - lo)
-            part = slab[:, rows, off[1] : off[1] + grid[1], off[2] : off[2] + grid[2]]
+            # rows [lo, hi) of the windowed array, in-plane the image box: grid rows [r0, r1)
+            r0, r1 = lo - off[0], hi - off[0]
+            part = slab
             if labels is None:
                 if not kept:
                     kept.append(np.empty((slab.shape[0], *grid), dtype=np.float32))
                 kept[0][:, r0:r1] = part
                 return
-            lab, c = to_labels(part[None], spec, with_confidence=conf)
-            labels[r0:r1] = lab[0]
-            if confidence is not None:
-                confidence[r0:r1] = c[0]  # type: ignore[index]
+
+            def to_grid(y: slice) -> None:  # in-plane rows y of the part: labels and confidence
+                lab, c = to_labels(part[None, :, :, y], spec, with_confidence=conf)
+                labels[r0:r1, y] = lab[0]
+                if confidence is not None:
+                    confidence[r0:r1, y] = c[0]  # type: ignore[index]
+
+            split_rows(part.shape[2], self._threads, to_grid, part.size)
 
         blender: SlabBlender | None = None
         for group in plan.batches(bs):
@@ -258,7 +262,9 @@ class Segmenter:
             if blender is None:
                 # argmax alone needs no division by the weight sum: a positive scale keeps it
                 normalize = conf or whole or spec.output != "argmax"
-                blender = SlabBlender(plan, out.shape[1], finish, normalize=normalize, ring=self._ring)
+                blender = SlabBlender(
+                    plan, out.shape[1], finish, normalize=normalize, ring=self._ring, threads=self._threads
+                )
                 self._ring = blender.ring
             for j, w in enumerate(group):
                 blender.add(w, out[j][:, None] if two_d else out[j])
@@ -273,14 +279,14 @@ class Segmenter:
         timer.add("postprocess", t)
         return lab[0], (c[0] if c is not None else None)
 
-    def _plan(self, size: tuple[int, ...], window: tuple[int, ...]) -> WindowPlan:
+    def _plan(self, size: tuple[int, ...], window: tuple[int, ...], roi: tuple) -> WindowPlan:
         """The window plan for this grid, kept for the next volume of the same grid (a stream's
         volumes share it, with its weight sums and slab buffers)."""
-        key = (size, window, self.spec.overlap)
+        key = (size, window, self.spec.overlap, roi)
         if self._window_plan is None or self._window_plan[0] != key:
             patch = window[1:] if len(self.spec.patch_size or ()) == 2 else window  # type: ignore[arg-type]
             weight = window_weights(patch, self.spec.window_weights)
-            self._window_plan = (key, WindowPlan(size, window, self.spec.overlap, weight))
+            self._window_plan = (key, WindowPlan(size, window, self.spec.overlap, weight, roi))
             self._ring = None
         return self._window_plan[1]
 
@@ -363,6 +369,13 @@ def _uncrop(a: np.ndarray, box: tuple[slice, ...], full: tuple[int, int, int]) -
     out = np.zeros(full, dtype=a.dtype)
     out[box] = a
     return out
+
+
+def _engine_threads(backend: Backend) -> int:
+    try:
+        return max(1, int(backend.describe().get("threads") or 1))
+    except Exception:  # a backend that cannot say: one thread
+        return 1
 
 
 def gpu_unsupported(spec: ModelSpec) -> str | None:

@@ -17,9 +17,12 @@ writes its product instead of adding it to zeros, so the blended values are the 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -30,6 +33,27 @@ Start = tuple[int, int, int]
 # the window, first write) — the rows of the slab are all of its rows.
 _Piece = tuple[int, slice, tuple[slice, slice], tuple[slice, slice], bool]
 INV_CACHE_BYTES = 256 << 20  # inverse weight sums kept per plan (repeated slab patterns share one)
+SPLIT_MIN = 1 << 17  # elements of work below which splitting it across threads does not pay
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def split_rows(n: int, threads: int, fn: Callable[[slice], None], work: int) -> None:
+    """``fn`` over ``threads`` contiguous parts of ``range(n)`` at once (numpy releases the GIL
+    in its loops: the blend is memory-bound, and the engine is idle between its calls), or
+    ``fn(slice(0, n))`` here when there is little ``work`` (elements) or one thread."""
+    parts = min(threads, n)
+    if parts <= 1 or work < SPLIT_MIN:
+        fn(slice(0, n))
+        return
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < parts:  # noqa: SLF001 (no public size)
+            _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="edgeseg-blend")
+    bounds = [n * i // parts for i in range(parts + 1)]
+    for f in [_pool.submit(fn, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+        f.result()
 
 
 def mirror_sets(mirror_axes: Sequence[int] | None, first_axis: int) -> list[tuple[int, ...]]:
@@ -86,39 +110,59 @@ class WindowPlan:
 
     ``size``/``patch`` are 3 axes; a 2D model's windows are (1, p1, p2) over (slices, H, W),
     one slice per step. ``overlap`` sets the starts along every axis whose patch is > 1.
+    ``roi`` ((start, stop) per axis, default all) is the box whose blend is wanted, the image
+    inside its padding: windows still cover the whole array, but only the box is blended, held
+    and handed out (slabs are rows of the box, their arrays the box's in-plane extent).
     """
 
-    def __init__(self, size: Sequence[int], patch: Sequence[int], overlap: float, weight: np.ndarray):
+    def __init__(self, size: Sequence[int], patch: Sequence[int], overlap: float, weight: np.ndarray,
+                 roi: Sequence[tuple[int, int]] | None = None):  # fmt: skip
         self.size = tuple(int(n) for n in size)
         self.patch = tuple(int(p) for p in patch)
         if len(self.size) != 3 or len(self.patch) != 3 or any(p > n for p, n in zip(self.patch, self.size)):
             raise ValueError(
                 f"windows of {self.patch} need a 3-axis array at least that big, got {self.size}"
             )
+        self.roi = (
+            tuple((int(a), int(b)) for a, b in roi) if roi is not None else tuple((0, n) for n in self.size)
+        )
+        if len(self.roi) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(self.roi, self.size)):
+            raise ValueError(f"roi {self.roi} is not a non-empty box inside {self.size}")
         self.weight = np.asarray(weight, dtype=np.float32).reshape(self.patch)
         per_axis = [
             list(range(n)) if p == 1 else window_starts(n, p, overlap) for n, p in zip(self.size, self.patch)
         ]
         self.starts: list[Start] = list(itertools.product(*per_axis))  # slab order: axis 0 outermost
-        edges = [_cells(s, p) for s, p in zip(per_axis, self.patch)]
+        # cells: cut at every window edge and at the box, inside the box
+        edges = [
+            [e for e in sorted(set(_cells(s, p)) | {a, b}) if a <= e <= b]
+            for s, p, (a, b) in zip(per_axis, self.patch, self.roi)
+        ]
         self.slabs = list(zip(edges[0][:-1], edges[0][1:]))  # (first row, end row) along axis 0
         self._edges = edges
         self._inv: dict[tuple, np.ndarray] = {}
         self._inv_bytes = 0
 
+    def _span(self, axis: int, start: int) -> range:
+        """The cells along ``axis`` that the window starting at ``start`` covers."""
+        e = self._edges[axis]
+        a, b = self.roi[axis]
+        lo, hi = max(start, a), min(start + self.patch[axis], b)
+        return range(bisect.bisect_left(e, lo), bisect.bisect_left(e, hi)) if hi > lo else range(0)
+
     # -- the blend layout: computed on first use (the GPU path takes only starts and batches) --
     @functools.cached_property
     def pieces(self) -> list[list[_Piece]]:
         """Per window, the pieces of its blend: for each slab it touches, its in-plane blocks
-        merged into runs that are all first writes or all additions."""
+        (box coordinates) merged into runs that are all first writes or all additions."""
         edges = self._edges
-        index = [{e: i for i, e in enumerate(ax)} for ax in edges]
+        (_, _), (y0, _), (x0, _) = self.roi
         out: list[list[_Piece]] = []
         self._last = [0] * len(self.slabs)
         self._covering: list[list[int]] = [[] for _ in self.slabs]
         touched: set[tuple[int, int, int]] = set()
         for w, st in enumerate(self.starts):
-            span = [range(index[a][st[a]], index[a][st[a] + self.patch[a]]) for a in range(3)]
+            span = [self._span(a, st[a]) for a in range(3)]
             pieces: list[_Piece] = []
             for j in span[0]:
                 lo, hi = self.slabs[j]
@@ -141,11 +185,11 @@ class WindowPlan:
                     else:
                         lines.append((u, u + 1, key))
                 for u0, u1, key in lines:
-                    ys = slice(edges[1][u0], edges[1][u1])
-                    wy = slice(ys.start - st[1], ys.stop - st[1])
+                    ya, yb = edges[1][u0], edges[1][u1]
+                    ys, wy = slice(ya - y0, yb - y0), slice(ya - st[1], yb - st[1])
                     for v0, v1, fresh in key:
-                        xs = slice(edges[2][v0], edges[2][v1])
-                        wx = slice(xs.start - st[2], xs.stop - st[2])
+                        xa, xb = edges[2][v0], edges[2][v1]
+                        xs, wx = slice(xa - x0, xb - x0), slice(xa - st[2], xb - st[2])
                         pieces.append((j, rows, (ys, xs), (wy, wx), fresh))
             out.append(pieces)
         return out
@@ -203,7 +247,8 @@ class WindowPlan:
 
     def slab_shape(self, j: int) -> tuple[int, int, int]:
         lo, hi = self.slabs[j]
-        return (hi - lo, self.size[1], self.size[2])
+        (_, _), (y0, y1), (x0, x1) = self.roi
+        return (hi - lo, y1 - y0, x1 - x0)
 
     def inverse_weight_sum(self, j: int) -> np.ndarray:
         """1 / (sum of the window weights) over slab ``j``: summed in the blend's order, so it is
@@ -243,18 +288,20 @@ class SlabBlender:
     weighted sum, divided by the weight sum when ``normalize`` (argmax alone does not need it:
     the division by a positive sum keeps the order of the channels). The slabs are views of one
     (K, ``plan.ring_rows``, H, W) buffer, ``ring`` when given (kept for the next volume of the
-    same plan), reused after ``finish`` returns.
+    same plan), reused after ``finish`` returns. ``threads`` split each window's blend by rows
+    of its in-plane boxes (the same operations on every element, so the same floats).
     """
 
     def __init__(self, plan: WindowPlan, channels: int, finish: Finish, *, normalize: bool,
-                 ring: np.ndarray | None = None):  # fmt: skip
+                 ring: np.ndarray | None = None, threads: int = 1):  # fmt: skip
         self.plan, self.k, self.finish, self.normalize = plan, int(channels), finish, normalize
-        shape = (self.k, plan.ring_rows, plan.size[1], plan.size[2])
+        shape = (self.k, plan.ring_rows, *plan.slab_shape(0)[1:])
         if ring is None or ring.shape != shape or ring.dtype != np.float32:
             ring = np.empty(shape, dtype=np.float32)
         self.ring = ring
+        self.threads = max(1, int(threads))
         self.open: dict[int, np.ndarray] = {}
-        self._scratch = np.empty(self.k * int(np.prod(plan.patch)), dtype=np.float32)
+        self._scratch: dict[int, np.ndarray] = {}  # per part: products to add
         self.peak_open = 0  # the most slab rows open at once (for tests and the benchmark)
 
     def _slab(self, j: int) -> np.ndarray:
@@ -268,20 +315,37 @@ class SlabBlender:
 
     def add(self, w: int, out: np.ndarray) -> None:
         plan = self.plan
-        for j, rows, (ys, xs), (wy, wx), fresh in plan.pieces[w]:
-            dst = self._slab(j)[:, :, ys, xs]
-            src = out[:, rows, wy, wx]
-            wgt = plan.weight[rows, wy, wx]
-            if fresh:  # the first window here: its product is the sum so far
-                np.multiply(src, wgt, out=dst)
-            else:
-                tmp = self._scratch[: dst.size].reshape(dst.shape)
+        pieces = [(self._slab(p[0]), *p[1:]) for p in plan.pieces[w]]  # opened here, not in threads
+
+        def blend(part: slice) -> None:  # the window's in-plane rows ``part``
+            for slab, rows, (ys, xs), (wy, wx), fresh in pieces:
+                w0, w1 = max(wy.start, part.start), min(wy.stop, part.stop)
+                if w1 <= w0:
+                    continue
+                shift = ys.start - wy.start
+                dst = slab[:, :, w0 + shift : w1 + shift, xs]
+                src = out[:, rows, w0:w1, wx]
+                wgt = plan.weight[rows, w0:w1, wx]
+                if fresh:  # the first window here: its product is the sum so far
+                    np.multiply(src, wgt, out=dst)
+                    continue
+                scratch = self._scratch.get(part.start)
+                if scratch is None or scratch.size < dst.size:
+                    scratch = self._scratch[part.start] = np.empty(out.size, dtype=np.float32)
+                tmp = scratch[: dst.size].reshape(dst.shape)
                 np.multiply(src, wgt, out=tmp)
                 dst += tmp
+
+        split_rows(plan.patch[1], self.threads, blend, out.size)
         for j in [j for j in self.open if plan.last[j] == w]:
             slab = self.open.pop(j)
             if self.normalize:
-                slab *= plan.inverse_weight_sum(j)[None]
+                inv = plan.inverse_weight_sum(j)
+
+                def scale(r: slice, slab: np.ndarray = slab, inv: np.ndarray = inv) -> None:
+                    slab[:, :, r] *= inv[None, :, r]
+
+                split_rows(slab.shape[2], self.threads, scale, slab.size)
             self.finish(*plan.slabs[j], slab)
 
     def close(self) -> None:

@@ -168,14 +168,23 @@ def test_tta_off_runs_the_plain_pass_only(volumes):
 
 
 @pytest.mark.parametrize(
-    "size,patch,overlap",
-    [((70, 33, 29), (16, 24, 16), 0.5), ((61, 40, 40), (24, 16, 16), 0.25), ((9, 30, 31), (1, 16, 16), 0.5),
-     ((16, 16, 16), (16, 16, 16), 0.5), ((100, 20, 20), (20, 20, 20), 0.9)],
+    "size,patch,overlap,roi",
+    [((70, 33, 29), (16, 24, 16), 0.5, None), ((61, 40, 40), (24, 16, 16), 0.25, None),
+     ((9, 30, 31), (1, 16, 16), 0.5, None), ((16, 16, 16), (16, 16, 16), 0.5, None),
+     ((100, 20, 20), (20, 20, 20), 0.9, None),
+     ((70, 33, 29), (16, 24, 16), 0.5, ((0, 61), (0, 30), (0, 23))),  # end padding
+     ((61, 40, 40), (24, 16, 16), 0.25, ((5, 50), (3, 37), (9, 31))),  # centred padding
+     ((9, 30, 31), (1, 16, 16), 0.5, ((0, 9), (7, 21), (0, 31)))],
 )  # fmt: skip
-def test_slab_blender_matches_a_whole_buffer_and_holds_one_patch_depth(size, patch, overlap):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_slab_blender_matches_a_whole_buffer_and_holds_one_patch_depth(size, patch, overlap, roi, threads,
+                                                                        monkeypatch):  # fmt: skip
+    import edgeseg.sliding_window as sw
+
+    monkeypatch.setattr(sw, "SPLIT_MIN", 0)  # split even these small windows across the threads
     rng = np.random.default_rng(1)
     weight = window_weights(patch if patch[0] > 1 else patch[1:])
-    plan = WindowPlan(size, patch, overlap, weight)
+    plan = WindowPlan(size, patch, overlap, weight, roi)
     k = 5
     outs = [rng.standard_normal((k, *patch)).astype(np.float32) for _ in plan.starts]
     full = np.zeros((k, *size), np.float32)
@@ -185,23 +194,26 @@ def test_slab_blender_matches_a_whole_buffer_and_holds_one_patch_depth(size, pat
         full[(slice(None), *box)] += o * plan.weight
         wsum[box] += plan.weight
     full *= np.reciprocal(wsum)
-    got = np.full((k, *size), np.nan, np.float32)
+    box = tuple(slice(a, b) for a, b in plan.roi)
+    full = full[(slice(None), *box)]
+    got = np.full(full.shape, np.nan, np.float32)
     seen: list[tuple[int, int]] = []
 
     def finish(lo, hi, slab):
         seen.append((lo, hi))
-        got[:, lo:hi] = slab
+        got[:, lo - plan.roi[0][0] : hi - plan.roi[0][0]] = slab
 
-    blender = SlabBlender(plan, k, finish, normalize=True)
+    blender = SlabBlender(plan, k, finish, normalize=True, threads=threads)
     for group in plan.batches(3):
         for w in group:
             blender.add(w, outs[w])
     blender.close()
     np.testing.assert_array_equal(got, full)  # the same floats, not merely close
-    assert seen == sorted(seen) and seen[0][0] == 0 and seen[-1][1] == size[0]
+    assert seen == sorted(seen) and seen[0][0] == plan.roi[0][0] and seen[-1][1] == plan.roi[0][1]
     assert blender.peak_open <= patch[0]  # never more than one patch depth of rows open
     longest = max(hi - lo for lo, hi in plan.slabs)
     assert blender.ring.shape[1] == plan.ring_rows <= patch[0] + longest - 1 or plan.ring_rows == longest
+    assert blender.ring.shape[2:] == full.shape[2:]  # only the box is held
 
 
 def test_batches_short_or_filled_last():
