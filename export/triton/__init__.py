@@ -130,6 +130,15 @@ def write_repository(
         raise ValueError(
             "'--max-batch' (dynamic batching) applies to 2D models only; each 3D series is its own request"
         )
+    if gpu and (backend or "tensorrt") == "tensorrt":
+        from edgeseg.segmenter import gpu_unsupported
+
+        missing = gpu_unsupported(bundle.spec)
+        if missing:
+            raise ValueError(
+                f"the TensorRT path does not run {missing} yet: serve this bundle on CPU instances "
+                "(no --gpu) or pass --backend onnxruntime"
+            )
     if instances < 1:
         raise ValueError(f"'--instances' must be at least 1, got {instances}")
     name = model_name or model_name_for(bundle)
