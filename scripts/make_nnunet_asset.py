@@ -3,15 +3,17 @@
 
 Everything is done with nnU-Net's own code: the MSD Task04 hippocampus cases in
 ../shared/data/seg become an nnU-Net raw dataset (symlinks, the data stay where they are),
-``nnUNetv2_plan_and_preprocess`` plans and preprocesses the 2d configuration, a plans variant
-with half the features per stage (and batch 32) keeps the checkpoint at a few MB, and
-``nnUNetv2_train`` runs a short AdamW trainer (tests/assets/nnunet/nnUNetTrainer_edgesegShort.py)
-for folds 0 and 1. Only what inference needs is copied to tests/assets/nnunet/: dataset.json,
-plans.json, dataset_fingerprint.json and, per fold, the checkpoint stripped to its weights and
-the keys prediction reads. The last HELD_OUT cases are never seen by planning or training.
+``nnUNetv2_plan_and_preprocess`` plans and preprocesses the 2d and 3d_fullres configurations,
+a plans variant with fewer features per stage (2d: half, batch 32, folds 0 and 1; 3d_fullres:
+an eighth, batch 4, fold 0) keeps the checkpoints at a few MB, and ``nnUNetv2_train`` runs a
+short AdamW trainer (tests/assets/nnunet/nnUNetTrainer_edgesegShort.py). Only what inference
+needs is copied to tests/assets/nnunet/: dataset.json, plans.json, dataset_fingerprint.json and,
+per fold, the checkpoint stripped to its weights and the keys prediction reads. The last
+HELD_OUT cases are never seen by planning or training.
 
-Rerunnable: ``nice -n 10 .venv/bin/python scripts/make_nnunet_asset.py [--work DIR]``
-(about 10 minutes on 2 cores). Needs nnunetv2 installed as scripts/setup.sh does it.
+Rerunnable: ``nice -n 10 .venv/bin/python scripts/make_nnunet_asset.py [--work DIR]
+[--configs 2d,3d_fullres]`` (about 10 minutes a configuration on 2 cores). Needs nnunetv2
+installed as scripts/setup.sh does it.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ DATASET_ID = 904
 DATASET = f"Dataset{DATASET_ID:03d}_Hippocampus"
 TRAINER = "nnUNetTrainer_edgesegShort"
 PLANS = "nnUNetPlansEdgesegSmall"
-CONFIG = "2d"
 HELD_OUT = 20
-FOLDS = (0, 1)
+# Per configuration: features per stage divided by, batch size, folds trained.
+CONFIGS = {
+    "2d": {"divide_features": 2, "batch_size": 32, "folds": (0, 1)},
+    "3d_fullres": {"divide_features": 8, "batch_size": 4, "folds": (0,)},
+}
 # The keys nnUNetPredictor.initialize_from_trained_model_folder reads from a checkpoint.
 KEEP_KEYS = ("network_weights", "init_args", "trainer_name", "inference_allowed_mirroring_axes")
 
@@ -81,11 +86,12 @@ def write_raw(raw: Path) -> None:
 def write_small_plans(pre: Path) -> None:
     plans = json.loads((pre / DATASET / "nnUNetPlans.json").read_text())
     plans["plans_name"] = PLANS
-    cfg = plans["configurations"][CONFIG]
-    kw = cfg["architecture"]["arch_kwargs"]
-    kw["features_per_stage"] = [max(4, f // 2) for f in kw["features_per_stage"]]
-    cfg["batch_size"] = 32
-    # data_identifier unchanged: the preprocessed 2d data do not depend on the network width.
+    for name, small in CONFIGS.items():
+        cfg = plans["configurations"][name]
+        kw = cfg["architecture"]["arch_kwargs"]
+        kw["features_per_stage"] = [max(4, f // small["divide_features"]) for f in kw["features_per_stage"]]
+        cfg["batch_size"] = small["batch_size"]
+    # data_identifier unchanged: the preprocessed data do not depend on the network width.
     (pre / DATASET / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
 
 
@@ -106,7 +112,7 @@ def strip_checkpoint(src: Path, dest: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgeseg_nnunet_work"))
-    ap.add_argument("--folds", default=",".join(map(str, FOLDS)))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="which configurations to train")
     ap.add_argument(
         "--skip-preprocess", action="store_true", help="reuse the work folder's preprocessed data"
     )
@@ -128,24 +134,36 @@ def main(argv: list[str] | None = None) -> int:
         OMP_NUM_THREADS="2",
         MKL_NUM_THREADS="2",
     )
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configuration(s) {unknown}; known: {sorted(CONFIGS)}")
     install_trainer()
     if not args.skip_preprocess:
         write_raw(raw)
         run(
-            [str(bindir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", CONFIG]
+            [str(bindir / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", *configs]
             + ["-np", "2", "-npfp", "2"],
             env,
         )
     write_small_plans(pre)
-    folds = [int(f) for f in args.folds.split(",")]
     env["nnUNet_n_proc_DA"] = "0"
+    for config in configs:
+        export_config(config, bindir, env, res)
+    (ASSET / "held_out.json").write_text(json.dumps(held_out_cases(), indent=1) + "\n")
+    return 0
+
+
+def export_config(config: str, bindir: Path, env: dict[str, str], res: Path) -> None:
+    """Train ``config``'s folds and copy what inference needs into the asset."""
+    folds = CONFIGS[config]["folds"]
     for f in folds:
         run(
-            [str(bindir / "nnUNetv2_train"), str(DATASET_ID), CONFIG, str(f)]
+            [str(bindir / "nnUNetv2_train"), str(DATASET_ID), config, str(f)]
             + ["-tr", TRAINER, "-p", PLANS, "-device", "cpu"],
             env,
         )
-    model = res / DATASET / f"{TRAINER}__{PLANS}__{CONFIG}"
+    model = res / DATASET / f"{TRAINER}__{PLANS}__{config}"
     out = ASSET / DATASET / model.name
     if out.exists():
         shutil.rmtree(out)
@@ -159,10 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         log = sorted((model / f"fold_{f}").glob("training_log_*.txt"))
         if log:
             tail = [ln for ln in log[-1].read_text().splitlines() if "Pseudo dice" in ln]
-            print(f"fold {f}: {tail[-1].strip() if tail else 'no pseudo dice logged'}")
-    (ASSET / "held_out.json").write_text(json.dumps(held_out_cases(), indent=1) + "\n")
+            print(f"{config} fold {f}: {tail[-1].strip() if tail else 'no pseudo dice logged'}")
     print("asset written to", out)
-    return 0
 
 
 if __name__ == "__main__":
