@@ -220,8 +220,7 @@ def test_triton_killed_mid_stream_and_restarted_segments_every_series_once(
 ):
     """A watched folder's listener; Triton is SIGKILLed after the first series and restarted
     while the other two wait in the journal: all three segmented, each exactly once."""
-    from edgeseg.segmenter import Segmenter
-    from edgeseg.stream.cli_support import segmenter_processor
+    from edgeseg.stream.isolation import IsolatedProcessor
     from edgeseg.stream.service import ServiceConfig, StreamService
 
     server = restartable
@@ -229,10 +228,14 @@ def test_triton_killed_mid_stream_and_restarted_segments_every_series_once(
         _start(server)
     drop, out = tmp_path / "drop", tmp_path / "out"
     drop.mkdir()
-    seg = Segmenter.open(tiny, backend=f"triton://{server.grpc_url}/tiny?wait=1&timeout=60")
+    # The listener's production processor: the Segmenter in a child process (isolation).
+    processor = IsolatedProcessor(
+        "edgeseg.stream.isolation:segmenter_factory",
+        {"bundle": str(tiny), "backend": f"triton://{server.grpc_url}/tiny?wait=1&timeout=60"},
+    )
+    processor.start()
     svc = StreamService(
-        ServiceConfig(out_dir=out, watch=drop, series_timeout_s=0.3, watch_stable_s=0.2),
-        segmenter_processor(seg),
+        ServiceConfig(out_dir=out, watch=drop, series_timeout_s=0.3, watch_stable_s=0.2), processor
     )
     svc.start()
     try:
@@ -255,14 +258,13 @@ def test_triton_killed_mid_stream_and_restarted_segments_every_series_once(
             return len(rows) == 2 and all(r["reason"] for r in rows)
 
         assert wait_for(waiting, 60), svc.journal.series_rows()  # both found the server away
-        time.sleep(1.0)
         _start(server)
         assert wait_for(lambda: delivered() == 3, 90), svc.journal.series_rows()
         time.sleep(0.5)  # a second run of any of them would show now
         rows = svc.journal.series_rows()
     finally:
         svc.stop()
-        seg.close()
+        processor.close()
     assert len(rows) == 3
     assert all(r["runs"] == 1 for r in rows), rows  # none twice
     assert not [r for r in rows if r["state"] == "quarantined"], rows  # none lost
