@@ -270,3 +270,22 @@ def test_triton_killed_mid_stream_and_restarted_segments_every_series_once(
     assert not [r for r in rows if r["state"] == "quarantined"], rows  # none lost
     segs = sorted(out.glob("*_seg.dcm"))
     assert len(segs) == 3, segs
+
+
+def test_waiting_for_the_server_never_uses_up_a_series_attempts(tmp_path):
+    """However many times a series finds the server away, it is not set aside for it; an
+    ordinary transient failure still counts."""
+    from edgeseg.stream.journal import Journal
+
+    j = Journal(tmp_path / "j.sqlite")
+    j.add_instance("a", "s", source="t", now=1.0)
+    j.mark_complete(now=10.0, quiet_s=1.0)
+    for n in range(6):  # twice the worker's max_attempts
+        claim = j.claim("s")
+        assert claim is not None and claim.attempts == 1, (n, claim)
+        j.retry_later(claim, "Triton at h:1 did not answer", 0.0, count_attempt=False)
+    claim = j.claim("s")
+    j.retry_later(claim, "device busy", 0.0)
+    assert j.attempts("s") == 1 and j.series_state("s") == "complete"
+    assert j.claim("s").attempts == 2
+    j.close()
