@@ -35,7 +35,7 @@ fi
 # (edgeseg.triton.server.stub_python_bin). Failure-tolerant like the block above.
 if $PIP install -q --no-deps "tritonclient==2.73.0" "nvidia-pytriton==0.7.0" \
   && $PIP install -q "grpcio>=1.81.1" python-rapidjson packaging "ml-dtypes<=0.5.4" urllib3 \
-  && $PIP install -q --no-deps --target \
+  && $PIP install -q --no-deps --upgrade --target \
     "$(.venv/bin/python -c 'from edgeseg.triton.server import stub_site_packages as s; print(s())')" \
     "numpy==1.26.4"; then
   .venv/bin/python -c "from edgeseg.triton.server import find_install, stub_python_bin; find_install(); stub_python_bin(); print('tritonserver ready to start')" \
