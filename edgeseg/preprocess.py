@@ -125,6 +125,9 @@ class Preprocessor:
         out_shape = tuple(grid[a] for a in axes)
         mode = self.spec.interpolation
         low = image_lowres_axis(self.spec, orient.model_spacing(vol.spacing))  # nnU-Net's separate z
+        if self.spec.intensity_before_resampling:  # nnU-Net's order: normalise, then resample
+            x = apply_intensity(np.array(orient.to_model(vol.modality_values()), dtype=np.float32), steps)
+            return np.asarray(resample_image(x, out_shape, mode, axes, low), dtype=np.float32)
         uniform = bool(np.all(vol.slope == vol.slope[0]) and np.all(vol.intercept == vol.intercept[0]))
         if uniform:
             # Rescale is one affine map, which commutes with resampling: resample the stored

@@ -392,6 +392,8 @@ def gpu_unsupported(spec: ModelSpec) -> str | None:
         missing.append(f"window_weights {spec.window_weights!r}")
     if spec.interpolation == "cubic" or spec.separate_lowres_axis or spec.output_interpolation != "nearest":
         missing.append("nnU-Net's resampling (cubic, separate_lowres_axis, output_interpolation)")
+    if spec.intensity_before_resampling:
+        missing.append("intensity_before_resampling")
     return ", ".join(missing) or None
 
 

@@ -132,6 +132,10 @@ class ModelSpec:
         (for the image, and with ``output_interpolation`` for the output). False: never.
     anisotropy_threshold:
         the ratio for ``separate_lowres_axis`` (nnU-Net's ANISO_THRESHOLD, 3).
+    intensity_before_resampling:
+        run the intensity steps on the (cropped, reoriented) source before resampling, as
+        nnU-Net normalises before it resamples: statistics and clips on the source grid.
+        False (edgeseg's order): resample first, statistics on the model grid.
     output_interpolation:
         how the output returns to the source grid: "nearest" resamples the labels; "linear"
         resamples the network's (averaged) output before argmax/threshold, as nnU-Net does
@@ -184,6 +188,7 @@ class ModelSpec:
     separate_lowres_axis: bool = False
     anisotropy_threshold: float = 3.0
     output_interpolation: Literal["nearest", "linear"] = "nearest"
+    intensity_before_resampling: bool = False
     patch_size: tuple[int, ...] | None = None
     overlap: float = 0.5
     divisible_by: int = 1

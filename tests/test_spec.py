@@ -85,10 +85,16 @@ def test_nnunet_resampling_fields_round_trip_and_old_specs_keep_linear():
         separate_lowres_axis=True,
         anisotropy_threshold=2.5,
         output_interpolation="linear",
+        intensity_before_resampling=True,
     )
     assert ModelSpec.from_json(s.to_json()) == s
     old = _spec().to_dict()  # a bundle written before these fields existed
-    for name in ("separate_lowres_axis", "anisotropy_threshold", "output_interpolation"):
+    for name in (
+        "separate_lowres_axis",
+        "anisotropy_threshold",
+        "output_interpolation",
+        "intensity_before_resampling",
+    ):
         del old[name]
     back = ModelSpec.from_dict(old)
     assert (back.interpolation, back.separate_lowres_axis, back.output_interpolation) == (
@@ -96,3 +102,4 @@ def test_nnunet_resampling_fields_round_trip_and_old_specs_keep_linear():
         False,
         "nearest",
     )
+    assert back.intensity_before_resampling is False

@@ -139,6 +139,7 @@ def what_runs(spec) -> dict:
         "passes_per_window": 2 ** len(axes),
         "ensemble": spec.ensemble,
         "crop_nonzero": spec.crop_nonzero,
+        "intensity_before_resampling": spec.intensity_before_resampling,
         "resampling": {
             "image": spec.interpolation,
             "output": "linear on the network output, then argmax"
@@ -177,6 +178,7 @@ def runs_lines(r: dict) -> list[str]:
             + (" (order 3, as nnU-Net)" if res["image"] == "cubic" else "")
             + f", back {res['output']}"
             + (f"; an axis anisotropic beyond {sep:g}x goes nearest (nnU-Net's separate z)" if sep else "")
+            + ("; intensity steps before resampling" if r["intensity_before_resampling"] else "")
         )
     win = r["sliding_window"]
     crop = "crop to the nonzero box first" if r["crop_nonzero"] else "no cropping"

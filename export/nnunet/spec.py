@@ -6,8 +6,9 @@ preprocessing/preprocessors/default_preprocessor.py), in order, and where it lan
 - transpose_forward/backward: only the identity is expressed (``orientation`` None keeps the
   array order nnU-Net reads); another permutation is refused.
 - crop to the nonzero box (holes filled): ``crop_nonzero``.
-- normalisation per channel: ZScore (no mask) → ZScore; CT → Clip to the fingerprint's
-  foreground 0.5/99.5 percentiles + ZScore with its mean/std; RescaleTo01 → min/max rescale;
+- normalisation per channel, before resampling as nnU-Net does it (``intensity_before_resampling``):
+  ZScore (no mask) → ZScore; CT → Clip to the fingerprint's foreground 0.5/99.5 percentiles +
+  ZScore with its mean/std; RescaleTo01 → min/max rescale;
   RGBTo01 → x/255; NoNormalization → nothing. ZScore *with* mask leaves the outside at 0, which
   edgeseg's ZScore does not: refused.
 - resampling to the configuration's spacing: ``target_spacing``, with the plans' orders:
@@ -191,6 +192,7 @@ def spec_from_nnunet(
         separate_lowres_axis=separate,
         anisotropy_threshold=threshold,
         output_interpolation=output_mode,  # type: ignore[arg-type]
+        intensity_before_resampling=True,
         patch_size=patch,
         overlap=0.5,
         divisible_by=1,
