@@ -289,3 +289,59 @@ def test_waiting_for_the_server_never_uses_up_a_series_attempts(tmp_path):
     assert j.attempts("s") == 1 and j.series_state("s") == "complete"
     assert j.claim("s").attempts == 2
     j.close()
+
+
+def test_cli_export_serve_run_and_sigterm(tiny, tmp_path, dicom_data):
+    """The README's commands: export-triton, triton serve (a subprocess), run --backend
+    triton://…; SIGTERM stops the server and its stubs."""
+    import os
+    import signal
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from edgeseg.cli import main
+
+    _need_triton()
+    repo = tmp_path / "repo"
+    r = CliRunner().invoke(
+        main, ["export-triton", str(tiny), str(repo), "--instances", "2", "--backend", "onnxruntime"]
+    )
+    assert r.exit_code == 0, r.output
+    config = (repo / "tiny" / "config.pbtxt").read_text()
+    assert "count: 2 kind: KIND_CPU" in config and (repo / "tiny" / "1" / tiny.name).is_file()
+    grpc, http = free_port(), free_port()
+    cmd = [sys.executable, "-m", "edgeseg", "triton", "serve", str(repo), "--grpc-port", str(grpc)]
+    cmd += ["--http-port", str(http), "--metrics-port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # "tritonserver ready: …" once the models are loaded
+            seen.append(line)
+            if line.startswith(("tritonserver ready", "error", "tritonserver exited")):
+                break
+        assert seen and seen[-1].startswith("tritonserver ready"), "".join(seen)
+        out = tmp_path / "out"
+        src = str(dicom_data.joinpath(*SAG))
+        backend = f"triton://127.0.0.1:{grpc}/tiny"
+        r = CliRunner().invoke(main, ["run", str(tiny), src, "-o", str(out), "--backend", backend, "--json"])
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.output[r.output.index("{") :])
+        assert doc["succeeded"] == 1 and doc["backend"]["backend"] == "triton"
+        assert len(list(out.glob("*_seg.dcm"))) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0
+    log = (repo.parent / ".repo-tritonserver" / "tritonserver.log").read_text()
+    assert "successfully unloaded 'tiny'" in log
+    ours = [p for p in os.listdir("/proc") if p.isdigit()]
+    stubs = []
+    for pid in ours:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"triton_python_backend_stub" in cmdline and str(repo).encode() in cmdline:
+            stubs.append(pid)
+    assert not stubs, stubs

@@ -120,11 +120,10 @@ class TritonSegmenter:
         seg = cls(url, model, b, **options)
         seg._connect()
         server_tta = seg.parameters.get("TTA", "true") != "false"
-        if server_tta != tta:
+        if server_tta and not tta:
             log.warning(
-                "test-time mirroring is set on the server (TTA %s in model %s's config.pbtxt), not by "
-                "the client: export the repository again (edgeseg export-triton, --no-tta) to change it",
-                "on" if server_tta else "off",
+                "test-time mirroring is set on the server (TTA on in model %s's config.pbtxt), not by "
+                "the client: export the repository again with --no-tta to serve without it",
                 model,
             )
         return seg
