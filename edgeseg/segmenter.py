@@ -250,12 +250,17 @@ class Segmenter:
         blender: SlabBlender | None = None
         for group in plan.batches(bs):
             t = time.perf_counter()
-            for j, w in enumerate(group):
-                a, b, c = plan.starts[w]
-                if two_d:
-                    batch[j] = src[a, :, b : b + patch[0], c : c + patch[1]]
-                else:
-                    batch[j] = src[:, a : a + patch[0], b : b + patch[1], c : c + patch[2]]
+
+            def extract(y: slice, group: list[int] = group) -> None:  # window rows y (in-plane)
+                for j, w in enumerate(group):
+                    a, b, c = plan.starts[w]
+                    b0, b1 = b + y.start, b + y.stop
+                    if two_d:
+                        batch[j, :, y] = src[a, :, b0:b1, c : c + patch[1]]
+                    else:
+                        batch[j, :, :, y] = src[:, a : a + patch[0], b0:b1, c : c + patch[2]]
+
+            split_rows(patch[-2], self._threads, extract, len(group) * batch[0].size)
             t = timer.add("preprocess", t)
             out = self._infer(batch[: len(group)])
             t = timer.add("infer", t)
@@ -325,16 +330,16 @@ class Segmenter:
 def crop_to_nonzero(
     volumes: Volume | Sequence[Volume],
 ) -> tuple[list[Volume], tuple[slice, slice, slice], tuple[int, int, int]]:
-    """Crop co-registered volumes to the bounding box of voxels ≠ 0 in any of them (holes
-    filled, as nnU-Net's ``crop_to_nonzero``); returns the crops, the box and the full shape."""
-    from scipy.ndimage import binary_fill_holes
+    """Crop co-registered volumes to the bounding box of voxels ≠ 0 in any of them, as
+    nnU-Net's ``crop_to_nonzero``; returns the crops, the box and the full shape.
 
+    nnU-Net fills the mask's holes first; a hole is enclosed by the mask, so it never moves
+    the box, and only the box is used here (masked normalisation is refused at build time)."""
     vols = [volumes] if isinstance(volumes, Volume) else list(volumes)
     full = vols[0].shape
     mask = np.zeros(full, dtype=bool)
     for v in vols:
         mask |= v.modality_values() != 0
-    mask = binary_fill_holes(mask)
     if not mask.any():
         box = tuple(slice(0, n) for n in full)
         return vols, box, full  # type: ignore[return-value]
