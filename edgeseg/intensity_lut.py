@@ -33,16 +33,29 @@ def lut_applies(stored: np.ndarray, steps: Sequence[object]) -> bool:
     )
 
 
+def needs_statistics(steps: Sequence[object]) -> bool:
+    """True when a step reads statistics of the image (percentiles, its own mean or std): only
+    then does the histogram pay; fixed windows, clips and scales are cheaper on the array."""
+    return any(
+        isinstance(s, PercentileClip) or (isinstance(s, ZScore) and (s.mean is None or s.std is None))
+        for s in steps
+    )
+
+
 def intensity_by_lut(
-    stored: np.ndarray, slope: float, intercept: float, steps: Sequence[object]
+    stored: np.ndarray,
+    slope: float,
+    intercept: float,
+    steps: Sequence[object],
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """float32 ``apply_intensity(stored * slope + intercept, steps)`` as a new C-order array."""
-    if stored.dtype.kind == "u":
-        index = np.ascontiguousarray(stored)
-        offset = 0
-    else:  # signed: shift so the smallest representable value is bin 0
+    """float32 ``apply_intensity(stored * slope + intercept, steps)`` as a new C-order array,
+    or written into ``out`` (a C-contiguous float32 array of that shape) and returned."""
+    # One intp index serves the bincount and the take (both would convert a narrower one).
+    index = stored.astype(np.intp)
+    offset = 0
+    if stored.dtype.kind == "i":  # signed: shift so the smallest representable value is bin 0
         offset = -int(np.iinfo(stored.dtype).min)
-        index = stored.astype(np.int32)
         index += offset
     counts = np.bincount(index.reshape(-1), minlength=1)
     present = np.flatnonzero(counts)
@@ -55,6 +68,8 @@ def intensity_by_lut(
     values = apply_steps_to_histogram(values, counts[present], steps)
     table = np.zeros(counts.size, dtype=np.float32)
     table[present] = values
+    if out is not None and out.shape == index.shape and out.dtype == np.float32 and out.flags.c_contiguous:
+        return table.take(index, out=out, mode="clip")  # every index is in the table
     return table.take(index)
 
 

@@ -27,7 +27,7 @@ from edgeseg.geometry import (
     spacing_to_shape,
 )
 from edgeseg.intensity import apply_intensity, gaussian_filter, gaussian_kernel, percentiles  # noqa: F401 (public here)
-from edgeseg.intensity_lut import intensity_by_lut, lut_applies
+from edgeseg.intensity_lut import intensity_by_lut, lut_applies, needs_statistics
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
@@ -111,16 +111,24 @@ class Preprocessor:
         buf = self._buffer
         _fill_padding(buf, grid, spec.dims, spec.pad_value)  # the channels below write the rest
         for c, vol in enumerate(vols):
-            x = self._channel(vol, orient, grid, spec.intensity_for_channel(c))
             if spec.dims == 3:
-                buf[c, : grid[0], : grid[1], : grid[2]] = x
+                dest = buf[c, : grid[0], : grid[1], : grid[2]]
             else:
-                buf[: grid[0], c, : grid[1], : grid[2]] = x
+                dest = buf[: grid[0], c, : grid[1], : grid[2]]
+            x = self._channel(vol, orient, grid, spec.intensity_for_channel(c), dest)
+            if x is not dest:
+                dest[...] = x
         return Prepared(buf, grid, oriented, vols[0].shape, orient, orient.model_spacing(vols[0].spacing))
 
     def _channel(
-        self, vol: Volume, orient: Orientation, grid: tuple[int, int, int], steps: list[object]
+        self,
+        vol: Volume,
+        orient: Orientation,
+        grid: tuple[int, int, int],
+        steps: list[object],
+        dest: np.ndarray | None = None,
     ) -> np.ndarray:
+        """The channel on the model grid: ``dest`` itself where it could be written in place."""
         axes = (1, 2) if self.spec.dims == 2 else (0, 1, 2)
         out_shape = tuple(grid[a] for a in axes)
         mode = self.spec.interpolation
@@ -133,8 +141,9 @@ class Preprocessor:
             # Rescale is one affine map, which commutes with resampling: resample the stored
             # values (2 bytes a voxel, usually a smaller grid) and rescale only the result.
             x = resample_image(orient.to_model(vol.stored), out_shape, mode, axes, low)
-            if lut_applies(x, steps):  # still stored integers: the steps run on their histogram
-                return intensity_by_lut(x, float(vol.slope[0]), float(vol.intercept[0]), steps)
+            if lut_applies(x, steps) and needs_statistics(steps):
+                # still stored integers: the statistics and the steps run on their histogram
+                return intensity_by_lut(x, float(vol.slope[0]), float(vol.intercept[0]), steps, out=dest)
             x = _own_float32(x, vol.stored)
             if vol.slope[0] != 1.0:
                 x *= np.float32(vol.slope[0])

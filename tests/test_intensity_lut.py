@@ -86,10 +86,30 @@ def test_the_preprocessor_takes_the_lut_path_with_the_same_result(monkeypatch):
 
     calls = []
     real = pre.intensity_by_lut
-    monkeypatch.setattr(pre, "intensity_by_lut", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(pre, "intensity_by_lut", lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = Preprocessor(spec(CHAINS["deepbet"]))(vol).array.copy()
     assert calls == [1]
     # A no-op denoise step is not per value: the same spec then runs on the array path.
     slow = Preprocessor(spec([*CHAINS["deepbet"], Denoise(0.0)]))(vol).array
     assert calls == [1]
     np.testing.assert_allclose(fast, slow, rtol=2e-6, atol=2e-6)
+    # A fixed window reads no statistics: the array path is cheaper and gives the same values.
+    window = [Window(center=300.0, width=600.0)]
+    arr = Preprocessor(spec(window))(vol).array.copy()
+    assert calls == [1]
+    monkeypatch.setattr(pre, "needs_statistics", lambda steps: True)  # force the histogram
+    np.testing.assert_array_equal(Preprocessor(spec(window))(vol).array, arr)
+    assert calls == [1, 1]
+
+
+def test_the_lut_writes_into_the_model_buffer_when_it_can():
+    vol = _volumes()["MR uint16"]
+    steps = CHAINS["deepbet"]
+    want = intensity_by_lut(vol.stored, 1.0, 0.0, steps)
+    out = np.empty(vol.shape, np.float32)
+    assert intensity_by_lut(vol.stored, 1.0, 0.0, steps, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    strided = np.empty((*vol.shape[:2], vol.shape[2] * 2), np.float32)[:, :, ::2]
+    got = intensity_by_lut(vol.stored, 1.0, 0.0, steps, out=strided)  # not C-contiguous: a new array
+    assert got is not strided
+    np.testing.assert_array_equal(got, want)
