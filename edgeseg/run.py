@@ -63,6 +63,9 @@ def _single_jobs(inputs: Sequence[str | Path], out=None) -> Iterator[_Job | Seri
         elif not p.exists():
             yield SeriesOutcome(str(p), "failed", error=f"{p}: no such file or folder")
         else:
+            if p.is_dir():  # a folder of NIfTI volumes, as nnUNetv2_predict -i takes it
+                for f in sorted(f for f in p.rglob("*.nii*") if f.is_file() and is_nifti(f)):
+                    yield _Job(str(f), (lambda f=f: read_nifti(f)), None)
             dicom_inputs.append(p)
     if not dicom_inputs:
         return
