@@ -342,7 +342,8 @@ def split_cases(
 def sample_volume(pre: Preprocessor, vol: Volume, quota: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Up to ``quota`` model inputs from one volume, spread over it (background included).
 
-    2D: slices at evenly spaced positions with a random offset; 3D: sliding-window patches at
+    2D: slices at evenly spaced positions with a random offset (one window of each where the
+    model slides a patch over the slice); 3D: sliding-window patches at
     the runtime's own window positions (or the whole padded volume without a patch size).
     """
     spec = pre.spec
@@ -355,7 +356,17 @@ def sample_volume(pre: Preprocessor, vol: Volume, quota: int, rng: np.random.Gen
         k = min(quota, depth)
         step = depth / k
         idx = (np.arange(k) * step + rng.uniform(0, step)).astype(int).clip(0, depth - 1)
-        return [x[i].copy() for i in sorted(set(idx.tolist()))]
+        if spec.patch_size is None:
+            return [x[i].copy() for i in sorted(set(idx.tolist()))]
+        # a 2D sliding window: the model sees patches of each slice, one window per slice here
+        ph, pw = (int(p) for p in spec.patch_size[-2:])
+        rows = window_starts(x.shape[2], ph, spec.overlap)
+        cols = window_starts(x.shape[3], pw, spec.overlap)
+        out = []
+        for i in sorted(set(idx.tolist())):
+            b, c = rows[int(rng.integers(len(rows)))], cols[int(rng.integers(len(cols)))]
+            out.append(x[i, :, b : b + ph, c : c + pw].copy())
+        return out
     if spec.patch_size is None:
         return [x.copy()]
     patch = [int(p) for p in spec.patch_size]

@@ -67,6 +67,19 @@ def test_3d_set_uses_the_runtime_patches(tmp_path):
     assert len(cs.holdout) == 1 and cs.holdout[0].labels is None
 
 
+def test_2d_sliding_window_set_holds_the_windows_the_model_sees(tmp_path):
+    # nnU-Net 2d models slide a fixed patch over each slice: a whole slice is not a model input.
+    import dataclasses
+
+    from edgeseg.calib.dataset import CalibrationSet
+
+    images, _ = hippo_subset(tmp_path, 4)
+    spec = dataclasses.replace(load_spec(str(SPEC2D)), patch_size=(32, 32), overlap=0.5)
+    cs = CalibrationSet.from_paths(images, spec, max_samples=12)
+    assert 0 < len(cs) <= 12 and all(s.shape == (1, 32, 32) for s in cs.samples)
+    assert len({s.tobytes() for s in cs.samples}) == len(cs)  # windows of distinct slices
+
+
 def test_a_real_dicom_series_calibrates(dicom_data):
     from edgeseg.calib.dataset import CalibrationSet
 

@@ -324,3 +324,40 @@ def test_refusals_name_the_plan_field(tmp_path):
         spec_from_nnunet(plans, nf.dataset_json, nf.fingerprint, "2d", (0, 1), 1)
     with pytest.raises(ExportError, match="fold 7"):
         read_folder(MODEL, folds=["7"])
+
+
+def test_int8_where_its_gate_passes_gives_nnunet_labels(work):
+    # build-engine FOLDER --precision int8 --calib: the set is preprocessed with the spec the
+    # plans give; int8 runs only where it passed the gate, and then agrees with nnU-Net too.
+    from click.testing import CliRunner
+
+    from edgeseg import Segmenter
+    from edgeseg.cli.build_engine import build_engine
+    from edgeseg.nifti_input import read_nifti
+
+    held = set(json.loads((ASSET / "held_out.json").read_text()))
+    train = sorted(p.name[: -len(".nii.gz")] for p in SRC.glob("hippocampus_*.nii.gz"))
+    calib = work / "calib"
+    for sub in ("images", "labels"):
+        (calib / sub).mkdir(parents=True)
+    for c in [c for c in train if c not in held][:16]:
+        (calib / "images" / f"{c}.nii.gz").symlink_to(SRC / f"{c}.nii.gz")
+        (calib / "labels" / f"{c}.nii.gz").symlink_to(SRC.parent / "labelsTr" / f"{c}.nii.gz")
+    out = work / "int8.edgeseg"
+    args = [str(MODEL), "-o", str(out), "--folds", "0", "--precision", "int8"]
+    res = CliRunner().invoke(
+        build_engine, [*args, "--calib", str(calib / "images"), "--calib-labels", str(calib / "labels")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "int8: Dice vs fp32" in res.output
+    from edgeseg.bundle import Bundle
+
+    passed = [p for p in ("int8", "int8_cpu") if p in Bundle.open(out).precisions]
+    if not passed:
+        pytest.skip(f"no int8 variant passed its gate here: {res.output[-400:]}")
+    ref, _ = _nnunet_predict(work, ["0"], True)
+    with Segmenter.open(out, backend="onnxruntime", precision=passed[-1], threads=2) as seg:
+        ours = [seg.segment(read_nifti(work / "in" / f"{c}_0000.nii.gz")).labels for c in _cases()]
+    dice = {lab: _pooled_dice(ours, ref, lab) for lab in (1, 2)}
+    print(f"\n{passed[-1]} vs nnUNetv2_predict (fold 0, TTA): {dice}")
+    assert min(dice.values()) >= MIN_DICE, dice

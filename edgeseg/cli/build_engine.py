@@ -173,12 +173,31 @@ def build_engine(
     precisions = parse_list(precision, PRECISIONS, "--precision") or ["fp32"]
     if "auto" in precisions:
         precisions = ["fp32", "fp16", "int8"]
+    gate = {
+        "min_dice": min_dice,
+        "method": calib_method,
+        "keep_fp32": [s for s in keep_fp32.split(",") if s],
+        "auto_keep": auto_keep,
+        "decide_on": gate_on.replace("-", "_"),
+    }
+
+    def _calibration(spec):
+        from edgeseg.calib.dataset import CalibrationSet
+
+        return CalibrationSet.from_paths(
+            calib_dirs,
+            spec,
+            labels=calib_labels,
+            max_samples=calib_size,
+            cache_dir=Path(output).parent / ".calib-cache",
+        )
+
     nnunet = is_nnunet_folder(model)
     if nnunet:
         if spec_path is not None:
             raise click.UsageError("an nnU-Net results folder brings its own spec: drop --spec")
-        if calib_dirs or any(p != "fp32" for p in precisions):
-            raise click.UsageError("nnU-Net folders are built in fp32 for now (no --precision/--calib)")
+        if any(p == "int8" for p in precisions) and not calib_dirs:
+            raise click.UsageError("int8 needs a calibration set: pass --calib DIR (real images)")
         from edgeseg.export.nnunet import build_from_nnunet
 
         report = build_from_nnunet(
@@ -193,6 +212,11 @@ def build_engine(
             parity_tolerance=parity_tolerance,
             opset=opset,
             exporter=exporter,
+            precisions=precisions,
+            # the calibration set is preprocessed with the spec the folder's plans give
+            calibration=(lambda spec: _calibration(spec)) if calib_dirs else None,
+            gate=gate,
+            force=force,
         )
         _report(report, output, engine, workspace_mb, as_json)
         return
@@ -205,24 +229,9 @@ def build_engine(
     parity_volumes = [read_any(p) for p in parity_inputs]
     calibration = None
     if calib_dirs:
-        from edgeseg.calib.dataset import CalibrationSet
-
-        calibration = CalibrationSet.from_paths(
-            calib_dirs,
-            spec,
-            labels=calib_labels,
-            max_samples=calib_size,
-            cache_dir=Path(output).parent / ".calib-cache",
-        )
+        calibration = _calibration(spec)
     elif any(p == "int8" for p in precisions):
         raise click.UsageError("int8 needs a calibration set: pass --calib DIR (real images)")
-    gate = {
-        "min_dice": min_dice,
-        "method": calib_method,
-        "keep_fp32": [s for s in keep_fp32.split(",") if s],
-        "auto_keep": auto_keep,
-        "decide_on": gate_on.replace("-", "_"),
-    }
     report = build_bundle(
         resolved,
         spec,

@@ -22,7 +22,10 @@ def build_from_nnunet(
     **build_kwargs: Any,
 ):
     """Export every chosen fold of ``folder`` (one graph that averages their logits, as nnU-Net
-    does) with a spec that reproduces nnU-Net's inference; returns the build report."""
+    does) with a spec that reproduces nnU-Net's inference; returns the build report.
+
+    ``build_kwargs`` go to :func:`edgeseg.export.build.build_bundle`; its ``calibration`` may be
+    a callable that makes the set from the spec (the spec exists only once the plans are read)."""
     from edgeseg.export.build import build_bundle
 
     say = progress or (lambda msg: None)
@@ -54,6 +57,8 @@ def build_from_nnunet(
     for n in notes:
         say(n)
     model = Ensemble.of(nets)
+    if callable(build_kwargs.get("calibration")):  # made from the spec the plans give
+        build_kwargs["calibration"] = build_kwargs["calibration"](spec)
     name = build_kwargs.pop("name", None) or f"{nf.path.parent.name}-{nf.configuration}"
     report = build_bundle(model, spec, output, name=name, progress=progress, **build_kwargs)
     report.warnings.extend(notes)
