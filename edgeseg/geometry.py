@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgeseg.parallel import split_rows
+
 if TYPE_CHECKING:
     from edgeseg.spec import ModelSpec
 
@@ -110,27 +112,52 @@ def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return i0, i1, w
 
 
-def resample_axis(array: np.ndarray, axis: int, n_out: int, mode: str) -> np.ndarray:
-    """Resample one axis of ``array`` to ``n_out`` samples (float32 out for linear)."""
+def resample_axis(array: np.ndarray, axis: int, n_out: int, mode: str, threads: int = 1) -> np.ndarray:
+    """Resample one axis of ``array`` to ``n_out`` samples (float32 out for linear); with
+    ``threads``, parts of the first other axis at once (the same values)."""
     n_in = array.shape[axis]
     if n_in == n_out:
         return array
-    if mode == "nearest":
-        return np.take(array, nearest_indices(n_in, n_out), axis=axis)
-    i0, i1, w = linear_weights(n_in, n_out)
-    a0 = np.take(array, i0, axis=axis).astype(np.float32, copy=False)
-    a1 = np.take(array, i1, axis=axis).astype(np.float32, copy=False)
-    shape = [1] * array.ndim
+    shape = list(array.shape)
     shape[axis] = n_out
-    w = w.reshape(shape)
-    # a0 + w * (a1 - a0), in place on the fresh a1 buffer.
-    a1 -= a0
-    a1 *= w
-    a1 += a0
-    return a1
+    if mode == "nearest":
+        index = nearest_indices(n_in, n_out)
+        if axis == 0 or threads <= 1:  # along axis 0 it is whole-plane copies
+            return np.take(array, index, axis=axis)
+        out = np.empty(shape, dtype=array.dtype)
+        split_rows(
+            shape[0],
+            threads,
+            lambda r: np.take(array[r], index, axis=axis, out=out[r], mode="clip"),
+            out.size,
+        )
+        return out
+    i0, i1, w = linear_weights(n_in, n_out)
+    wshape = [1] * array.ndim
+    wshape[axis] = n_out
+    w = w.reshape(wshape)
+    out = np.empty(shape, dtype=np.float32)
+    split = 1 if axis == 0 else 0
+    part: list[slice] = [slice(None)] * array.ndim
+
+    def rows(r: slice) -> None:
+        box = list(part)
+        box[split] = r
+        src = array[tuple(box)]
+        a0 = np.take(src, i0, axis=axis).astype(np.float32, copy=False)
+        a1 = np.take(src, i1, axis=axis).astype(np.float32, copy=False)
+        # a0 + w * (a1 - a0), in place on the fresh a1 buffer.
+        a1 -= a0
+        a1 *= w
+        np.add(a1, a0, out=out[tuple(box)])
+
+    split_rows(shape[split], threads, rows, out.size)
+    return out
 
 
-def resample(array: np.ndarray, out_shape: tuple[int, ...], mode: str, axes: tuple[int, ...]) -> np.ndarray:
+def resample(
+    array: np.ndarray, out_shape: tuple[int, ...], mode: str, axes: tuple[int, ...], threads: int = 1
+) -> np.ndarray:
     """Separable resampling of ``axes`` of ``array`` to ``out_shape`` (one entry per axis in ``axes``).
 
     Axes are processed from the one that shrinks most, so the intermediate arrays stay small.
@@ -138,7 +165,7 @@ def resample(array: np.ndarray, out_shape: tuple[int, ...], mode: str, axes: tup
     order = sorted(range(len(axes)), key=lambda i: out_shape[i] / max(array.shape[axes[i]], 1))
     out = array
     for i in order:
-        out = resample_axis(out, axes[i], int(out_shape[i]), mode)
+        out = resample_axis(out, axes[i], int(out_shape[i]), mode, threads)
     return out
 
 
@@ -160,6 +187,7 @@ def resample_image(
     mode: str,
     axes: tuple[int, ...],
     lowres: int | None = None,
+    threads: int = 1,
 ) -> np.ndarray:
     """:func:`resample` with ``mode`` "linear", "nearest" or "cubic", and nnU-Net's separate
     low-resolution axis: ``lowres`` (an array axis among ``axes``, or None) goes nearest.
@@ -169,10 +197,11 @@ def resample_image(
     """
     if mode != "cubic":
         if lowres not in axes or mode == "nearest":
-            return resample(array, out_shape, mode, axes)
+            return resample(array, out_shape, mode, axes, threads)
         inplane = tuple(i for i, a in enumerate(axes) if a != lowres)
-        out = resample(array, tuple(out_shape[i] for i in inplane), mode, tuple(axes[i] for i in inplane))
-        return resample_axis(out, lowres, int(out_shape[axes.index(lowres)]), "nearest")
+        shape = tuple(out_shape[i] for i in inplane)
+        out = resample(array, shape, mode, tuple(axes[i] for i in inplane), threads)
+        return resample_axis(out, lowres, int(out_shape[axes.index(lowres)]), "nearest", threads)
     from edgeseg.resample_spline import cubic_axis
 
     todo = [(a, int(n)) for a, n in zip(axes, out_shape) if a != lowres and array.shape[a] != int(n)]

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgeseg.intensity import apply_steps
+from edgeseg.parallel import split_rows
 from edgeseg.spec import Clip, PercentileClip, Scale, Window, ZScore
 
 _POINTWISE = (Window, Clip, PercentileClip, ZScore, Scale)
@@ -48,16 +49,28 @@ def intensity_by_lut(
     intercept: float,
     steps: Sequence[object],
     out: np.ndarray | None = None,
+    threads: int = 1,
 ) -> np.ndarray:
     """float32 ``apply_intensity(stored * slope + intercept, steps)`` as a new C-order array,
-    or written into ``out`` (a C-contiguous float32 array of that shape) and returned."""
+    or written into ``out`` (a C-contiguous float32 array of that shape) and returned.
+
+    ``threads`` split the index, the histogram and the lookup along the first axis."""
+    if out is None or out.shape != stored.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        out = np.empty(stored.shape, dtype=np.float32)
     # One intp index serves the bincount and the take (both would convert a narrower one).
-    index = stored.astype(np.intp)
-    offset = 0
-    if stored.dtype.kind == "i":  # signed: shift so the smallest representable value is bin 0
-        offset = -int(np.iinfo(stored.dtype).min)
-        index += offset
-    counts = np.bincount(index.reshape(-1), minlength=1)
+    index = np.empty(stored.shape, dtype=np.intp)
+    offset = -int(np.iinfo(stored.dtype).min) if stored.dtype.kind == "i" else 0  # signed: min is bin 0
+    bins = 1 << (8 * stored.dtype.itemsize)
+    parts: list[np.ndarray] = []
+
+    def count(r: slice) -> None:
+        np.copyto(index[r], stored[r], casting="unsafe")
+        if offset:
+            index[r] += offset
+        parts.append(np.bincount(index[r].reshape(-1), minlength=bins))
+
+    split_rows(stored.shape[0], threads, count, stored.size)
+    counts = parts[0] if len(parts) == 1 else np.sum(parts, axis=0)
     present = np.flatnonzero(counts)
     values = (present - offset).astype(np.float32)
     # The same float32 operations, in the same order, as the array path.
@@ -68,9 +81,9 @@ def intensity_by_lut(
     values = apply_steps_to_histogram(values, counts[present], steps)
     table = np.zeros(counts.size, dtype=np.float32)
     table[present] = values
-    if out is not None and out.shape == index.shape and out.dtype == np.float32 and out.flags.c_contiguous:
-        return table.take(index, out=out, mode="clip")  # every index is in the table
-    return table.take(index)
+    # every index is in the table: "clip" never clips, and lets take write into out unbuffered
+    split_rows(stored.shape[0], threads, lambda r: table.take(index[r], out=out[r], mode="clip"), stored.size)
+    return out
 
 
 def apply_steps_to_histogram(values: np.ndarray, counts: np.ndarray, steps: Sequence[object]) -> np.ndarray:

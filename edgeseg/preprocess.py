@@ -28,6 +28,7 @@ from edgeseg.geometry import (
 )
 from edgeseg.intensity import apply_intensity, gaussian_filter, gaussian_kernel, percentiles  # noqa: F401 (public here)
 from edgeseg.intensity_lut import intensity_by_lut, lut_applies, needs_statistics
+from edgeseg.parallel import split_rows
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
@@ -55,8 +56,9 @@ class Prepared:
 class Preprocessor:
     """Runs a spec's preprocessing, reusing its output buffer across calls of the same shape."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, threads: int = 1):
         self.spec = spec
+        self.threads = threads  # splits resampling and the intensity lookup (same values)
         self._buffer: np.ndarray | None = None
 
     def plan(self, volume: Volume) -> tuple[Orientation, tuple[int, int, int], tuple[int, int, int]]:
@@ -135,22 +137,25 @@ class Preprocessor:
         low = image_lowres_axis(self.spec, orient.model_spacing(vol.spacing))  # nnU-Net's separate z
         if self.spec.intensity_before_resampling:  # nnU-Net's order: normalise, then resample
             x = apply_intensity(np.array(orient.to_model(vol.modality_values()), dtype=np.float32), steps)
-            return np.asarray(resample_image(x, out_shape, mode, axes, low), dtype=np.float32)
+            return np.asarray(resample_image(x, out_shape, mode, axes, low, self.threads), dtype=np.float32)
         uniform = bool(np.all(vol.slope == vol.slope[0]) and np.all(vol.intercept == vol.intercept[0]))
         if uniform:
             # Rescale is one affine map, which commutes with resampling: resample the stored
             # values (2 bytes a voxel, usually a smaller grid) and rescale only the result.
-            x = resample_image(orient.to_model(vol.stored), out_shape, mode, axes, low)
+            x = resample_image(orient.to_model(vol.stored), out_shape, mode, axes, low, self.threads)
             if lut_applies(x, steps) and needs_statistics(steps):
                 # still stored integers: the statistics and the steps run on their histogram
-                return intensity_by_lut(x, float(vol.slope[0]), float(vol.intercept[0]), steps, out=dest)
+                slope, intercept = float(vol.slope[0]), float(vol.intercept[0])
+                return intensity_by_lut(x, slope, intercept, steps, out=dest, threads=self.threads)
             x = _own_float32(x, vol.stored)
             if vol.slope[0] != 1.0:
                 x *= np.float32(vol.slope[0])
             if vol.intercept[0] != 0.0:
                 x += np.float32(vol.intercept[0])
         else:
-            x = resample_image(orient.to_model(vol.modality_values()), out_shape, mode, axes, low)
+            x = resample_image(
+                orient.to_model(vol.modality_values()), out_shape, mode, axes, low, self.threads
+            )
             x = _own_float32(x, vol.stored)
         return apply_intensity(x, steps)
 
@@ -239,10 +244,16 @@ def output_to_source_grid(output: np.ndarray, prepared: Prepared, spec: ModelSpe
     return resample_image(output, prepared.oriented, "linear", (2, 3, 4), None if low is None else low + 2)
 
 
-def labels_to_source(labels_grid: np.ndarray, prepared: Prepared) -> np.ndarray:
+def labels_to_source(labels_grid: np.ndarray, prepared: Prepared, threads: int = 1) -> np.ndarray:
     """Map (D, H, W) labels on the (unpadded) model grid back to the source (z, y, x) grid."""
-    out = resample(labels_grid, prepared.oriented, "nearest", (0, 1, 2))
-    return np.ascontiguousarray(prepared.orientation.from_model(out))
+    view = prepared.orientation.from_model(
+        resample(labels_grid, prepared.oriented, "nearest", (0, 1, 2), threads)
+    )
+    if view.flags.c_contiguous:
+        return view
+    out = np.empty(view.shape, dtype=view.dtype)
+    split_rows(view.shape[0], threads, lambda r: np.copyto(out[r], view[r]), out.size)
+    return out
 
 
 def gaussian_importance(patch: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:

@@ -18,9 +18,10 @@ from edgeseg._exceptions import BackendError
 from edgeseg._optional import available
 from edgeseg.backends.base import Backend
 from edgeseg.bundle import Bundle
+from edgeseg.parallel import split_rows
 from edgeseg.preprocess import Prepared, Preprocessor, labels_to_source, output_to_source_grid, to_labels
 from edgeseg.result import SegmentationResult
-from edgeseg.sliding_window import SlabBlender, WindowPlan, mirror_sets, split_rows, window_weights
+from edgeseg.sliding_window import SlabBlender, WindowPlan, mirror_sets, window_weights
 from edgeseg.spec import ModelSpec
 from edgeseg.volume import Volume
 
@@ -55,13 +56,13 @@ class Segmenter:
         self.spec = spec
         self.backend = backend
         self.bundle = bundle
-        self._pre = Preprocessor(spec)
         self._batch: np.ndarray | None = None
         self.tta = tta
         self._window_plan: tuple[tuple, WindowPlan] | None = None  # the last grid's windows
         self._ring: np.ndarray | None = None  # the slab buffer, kept for the next volume
-        # the engine's threads also split the blend and argmax (run while the engine is idle)
+        # the engine's threads also split pre- and postprocessing (run while the engine is idle)
         self._threads = _engine_threads(backend)
+        self._pre = Preprocessor(spec, threads=self._threads)
         # Every non-empty combination of the spec's mirror axes (array axes of (N, C, *spatial)),
         # in nnU-Net's order; the plain pass comes first.
         self._mirrors = mirror_sets(spec.mirror_axes, 2) if tta else []
@@ -165,8 +166,8 @@ class Segmenter:
         else:
             grid_labels, grid_conf = self._run_3d_whole(prepared, timer, with_confidence)
         t = time.perf_counter()
-        labels = labels_to_source(grid_labels, prepared)
-        conf = labels_to_source(grid_conf, prepared) if grid_conf is not None else None
+        labels = labels_to_source(grid_labels, prepared, self._threads)
+        conf = labels_to_source(grid_conf, prepared, self._threads) if grid_conf is not None else None
         if box is not None:
             labels = _uncrop(labels, box, full)
             conf = _uncrop(conf, box, full) if conf is not None else None

@@ -20,12 +20,11 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from edgeseg.parallel import split_rows
 from edgeseg.preprocess import gaussian_importance, window_starts
 
 Start = tuple[int, int, int]
@@ -33,27 +32,6 @@ Start = tuple[int, int, int]
 # the window, first write) — the rows of the slab are all of its rows.
 _Piece = tuple[int, slice, tuple[slice, slice], tuple[slice, slice], bool]
 INV_CACHE_BYTES = 256 << 20  # inverse weight sums kept per plan (repeated slab patterns share one)
-SPLIT_MIN = 1 << 17  # elements of work below which splitting it across threads does not pay
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def split_rows(n: int, threads: int, fn: Callable[[slice], None], work: int) -> None:
-    """``fn`` over ``threads`` contiguous parts of ``range(n)`` at once (numpy releases the GIL
-    in its loops: the blend is memory-bound, and the engine is idle between its calls), or
-    ``fn(slice(0, n))`` here when there is little ``work`` (elements) or one thread."""
-    parts = min(threads, n)
-    if parts <= 1 or work < SPLIT_MIN:
-        fn(slice(0, n))
-        return
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < parts:  # noqa: SLF001 (no public size)
-            _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="edgeseg-blend")
-    bounds = [n * i // parts for i in range(parts + 1)]
-    for f in [_pool.submit(fn, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]:
-        f.result()
 
 
 def mirror_sets(mirror_axes: Sequence[int] | None, first_axis: int) -> list[tuple[int, ...]]:

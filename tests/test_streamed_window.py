@@ -179,9 +179,9 @@ def test_tta_off_runs_the_plain_pass_only(volumes):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_slab_blender_matches_a_whole_buffer_and_holds_one_patch_depth(size, patch, overlap, roi, threads,
                                                                         monkeypatch):  # fmt: skip
-    import edgeseg.sliding_window as sw
+    import edgeseg.parallel as parallel
 
-    monkeypatch.setattr(sw, "SPLIT_MIN", 0)  # split even these small windows across the threads
+    monkeypatch.setattr(parallel, "SPLIT_MIN", 0)  # split even these small windows across the threads
     rng = np.random.default_rng(1)
     weight = window_weights(patch if patch[0] > 1 else patch[1:])
     plan = WindowPlan(size, patch, overlap, weight, roi)
