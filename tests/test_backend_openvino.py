@@ -89,6 +89,19 @@ def test_openvino_matches_onnxruntime_and_reuses_its_output_buffer():
         assert d["backend"] == "openvino" and d["threads"] == 1 and d["openvino"]
 
 
+def test_a_larger_batch_after_a_smaller_one_runs(tmp_path):
+    # Found on 20 real cases through an nnU-Net 3d_fullres bundle: a case with one window (batch
+    # 1) and then one with several (batch 2) failed, "Could set new shape", in OpenVINO.
+    from edgeseg.backends.onnxruntime import OrtBackend
+    from edgeseg.backends.openvino import OpenVinoBackend
+
+    model = _conv_onnx(1)
+    x = np.random.default_rng(1).standard_normal((3, 1, 10, 12, 14)).astype(np.float32)
+    with OpenVinoBackend(model, threads=1) as ov, OrtBackend(model, threads=1) as ort:
+        for n in (1, 2, 3, 1, 3, 2):
+            np.testing.assert_allclose(ov.infer(x[:n]), ort.infer(x[:n]), rtol=1e-4, atol=1e-4)
+
+
 def test_compiled_models_are_cached_per_openvino_version_and_cpu(tmp_path):
     from edgeseg.backends.host import host_cpu
     from edgeseg.backends.openvino import OpenVinoBackend, openvino_cache_dir, openvino_version

@@ -96,29 +96,33 @@ class OpenVinoBackend(Backend):
                 "(keep I/O in fp32 when converting to fp16)"
             )
         self._request = self._compiled.create_infer_request()
-        # input shape → (host output buffer, the OpenVINO tensor over it)
-        self._outputs: dict[tuple[int, ...], tuple[np.ndarray, object]] = {}
+        # input shape → (its infer request, the host output buffer bound to it). One request per
+        # shape: a request whose output is a host buffer cannot grow it for a larger batch
+        # (a short last batch first, a full one next). With one stream they share the graph.
+        self._outputs: dict[tuple[int, ...], tuple[object, np.ndarray]] = {}
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self._check_batch(batch)
         batch = np.ascontiguousarray(batch)
-        req = self._request
-        req.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))
         key = batch.shape
-        cached = self._outputs.get(key)
         if self._output.dtype != np.float32:  # an fp16 output: converted, cannot be shared
+            req = self._request
+            req.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))
             req.infer()
             return np.asarray(req.get_output_tensor().data).astype(np.float32)
+        cached = self._outputs.get(key)
         if cached is None:
-            # First call for this shape: let OpenVINO allocate, learn the output shape, then
-            # keep a host buffer of that shape as the output tensor of every later call.
+            # First call for this shape: a fresh request lets OpenVINO allocate and tells the
+            # output shape; a host buffer of that shape is its output tensor from then on.
+            req = self._compiled.create_infer_request()
+            req.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))
             req.infer()
-            result = np.asarray(req.get_output_tensor().data, dtype=np.float32)
-            host = np.array(result, dtype=np.float32, copy=True)
-            self._outputs[key] = (host, self._ov.Tensor(host, shared_memory=True))
+            host = np.array(req.get_output_tensor().data, dtype=np.float32, copy=True)
+            req.set_output_tensor(self._ov.Tensor(host, shared_memory=True))
+            self._outputs[key] = (req, host)
             return host
-        host, tensor = cached
-        req.set_output_tensor(tensor)
+        req, host = cached
+        req.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))
         req.infer()
         return host
 
