@@ -163,7 +163,9 @@ def main() -> None:
         for c in cases:
             (work / "in" / f"{c}_0000.nii.gz").symlink_to(SRC / "imagesTr" / f"{c}.nii.gz")
         for config in args.configs.split(","):
-            settings = [("0", True, False), ("0", False, False), ("0,1", True, False)]
+            settings = [("0", True, False), ("0", False, False)]
+            if (_folder(config) / "fold_1").is_dir():  # a 2-fold ensemble where there are 2
+                settings.append(("0,1", True, False))
             if args.int8 and config == "2d":
                 settings.append(("0", True, True))
             for folds, tta, int8 in settings:
