@@ -50,11 +50,15 @@ def intensity_by_lut(
     steps: Sequence[object],
     out: np.ndarray | None = None,
     threads: int = 1,
+    repeats: tuple[int, np.ndarray] | None = None,
 ) -> np.ndarray:
     """float32 ``apply_intensity(stored * slope + intercept, steps)`` as a new C-order array,
     or written into ``out`` (a C-contiguous float32 array of that shape) and returned.
 
-    ``threads`` split the index, the histogram and the lookup along the first axis."""
+    ``threads`` split the index, the histogram and the lookup along the first axis.
+    ``repeats`` = (axis, counts): the statistics are those of ``stored`` with each plane ``i``
+    along ``axis`` taken ``counts[i]`` times (what a nearest upsampling of that axis will make
+    of it); the values are mapped here, before the planes are repeated."""
     if out is None or out.shape != stored.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         out = np.empty(stored.shape, dtype=np.float32)
     # One intp index serves the bincount and the take (both would convert a narrower one).
@@ -71,6 +75,12 @@ def intensity_by_lut(
 
     split_rows(stored.shape[0], threads, count, stored.size)
     counts = parts[0] if len(parts) == 1 else np.sum(parts, axis=0)
+    if repeats is not None:  # weight each plane by how often it will be taken
+        axis, times = repeats
+        for m in np.unique(times):
+            if m != 1:
+                planes = np.take(index, np.flatnonzero(times == m), axis=axis)
+                counts += (int(m) - 1) * np.bincount(planes.reshape(-1), minlength=bins)
     present = np.flatnonzero(counts)
     values = (present - offset).astype(np.float32)
     # The same float32 operations, in the same order, as the array path.

@@ -20,6 +20,7 @@ from edgeseg._exceptions import SpecError
 from edgeseg.geometry import (
     Orientation,
     image_lowres_axis,
+    nearest_indices,
     orientation_for,
     output_lowres_axis,
     resample,
@@ -139,6 +140,10 @@ class Preprocessor:
             x = apply_intensity(np.array(orient.to_model(vol.modality_values()), dtype=np.float32), steps)
             return np.asarray(resample_image(x, out_shape, mode, axes, low, self.threads), dtype=np.float32)
         uniform = bool(np.all(vol.slope == vol.slope[0]) and np.all(vol.intercept == vol.intercept[0]))
+        if uniform and mode == "nearest":
+            mapped = self._nearest_lut(vol, orient.to_model(vol.stored), out_shape, axes, steps, dest)
+            if mapped is not None:
+                return mapped
         if uniform:
             # Rescale is one affine map, which commutes with resampling: resample the stored
             # values (2 bytes a voxel, usually a smaller grid) and rescale only the result.
@@ -158,6 +163,34 @@ class Preprocessor:
             )
             x = _own_float32(x, vol.stored)
         return apply_intensity(x, steps)
+
+    def _nearest_lut(
+        self,
+        vol: Volume,
+        src: np.ndarray,
+        out_shape: tuple[int, ...],
+        axes: tuple[int, ...],
+        steps: list[object],
+        dest: np.ndarray | None,
+    ) -> np.ndarray | None:
+        """Histogram steps on a nearest grid that upsamples one axis: a per-value map commutes
+        with nearest resampling, so map the grid before that axis grows (fewer voxels) with the
+        statistics of the grown one, then repeat its planes; None where this does not apply."""
+        grow = [i for i, a in enumerate(axes) if out_shape[i] > src.shape[a]]
+        if len(grow) != 1 or not (lut_applies(src, steps) and needs_statistics(steps)):
+            return None
+        g, ga = grow[0], axes[grow[0]]
+        shrunk = tuple(src.shape[a] if i == g else out_shape[i] for i, a in enumerate(axes))
+        small = resample(src, shrunk, "nearest", axes, self.threads)
+        index = nearest_indices(src.shape[ga], out_shape[g])
+        times = np.bincount(index, minlength=src.shape[ga])
+        slope, intercept = float(vol.slope[0]), float(vol.intercept[0])
+        mapped = intensity_by_lut(small, slope, intercept, steps, threads=self.threads, repeats=(ga, times))
+        full = list(small.shape)
+        full[ga] = out_shape[g]
+        if dest is not None and dest.flags.c_contiguous and dest.shape == tuple(full):
+            return np.take(mapped, index, axis=ga, out=dest, mode="clip")
+        return np.take(mapped, index, axis=ga)
 
 
 def _own_float32(x: np.ndarray, source: np.ndarray) -> np.ndarray:

@@ -113,3 +113,20 @@ def test_the_lut_writes_into_the_model_buffer_when_it_can():
     got = intensity_by_lut(vol.stored, 1.0, 0.0, steps, out=strided)  # not C-contiguous: a new array
     assert got is not strided
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 64), (70, 40, 300), (20, 300, 30)])
+def test_mapping_before_the_nearest_upsampling_is_the_same(monkeypatch, shape):
+    # The per-value map runs on the grid before its one growing axis is repeated, with the
+    # statistics of the grown grid: the same floats as mapping the grown grid.
+    vol = _volumes()["MR uint16"]  # 35 slices: the slice axis grows in every shape here
+    spec = ModelSpec(dims=3, labels=[Label(1, "a")], intensity=CHAINS["deepbet"], target_shape=shape,
+                     interpolation="nearest")  # fmt: skip
+    real, used = Preprocessor._nearest_lut, []
+    monkeypatch.setattr(
+        Preprocessor, "_nearest_lut", lambda self, *a: used.append(real(self, *a)) or used[-1]
+    )
+    fast = Preprocessor(spec)(vol).array.copy()
+    assert (used[0] is not None) == (shape != (70, 40, 300))  # two growing axes: the plain path
+    monkeypatch.setattr(Preprocessor, "_nearest_lut", lambda self, *a: None)
+    np.testing.assert_array_equal(Preprocessor(spec)(vol).array, fast)
