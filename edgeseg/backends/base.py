@@ -7,7 +7,9 @@ their buffers once per shape and reuse them, so the hot path does no per-call al
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -17,6 +19,37 @@ class TensorInfo:
     name: str
     shape: tuple[int | str | None, ...]  # None or a string for dynamic dims
     dtype: np.dtype
+
+
+V = TypeVar("V")
+
+
+class ShapeCache(Generic[V]):
+    """What a backend keeps per input shape (output buffers, bound requests), for the few most
+    recently used shapes: a sliding window meets two (full and short batch), but a whole-volume
+    model meets a new grid per series, and a listener must not keep one per series forever."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._items: OrderedDict[tuple[int, ...], V] = OrderedDict()
+
+    def get(self, key: tuple[int, ...]) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[int, ...], value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 class Backend(ABC):

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeseg._exceptions import BackendError
 from edgeseg._optional import require
-from edgeseg.backends.base import Backend, TensorInfo
+from edgeseg.backends.base import Backend, ShapeCache, TensorInfo
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -88,7 +88,7 @@ class OrtBackend(Backend):
                 "(keep I/O in fp32 when converting to fp16)"
             )
         self._binding = self._session.io_binding()
-        self._outputs: dict[tuple[int, ...], tuple[np.ndarray, object]] = {}
+        self._outputs: ShapeCache[tuple[np.ndarray, object]] = ShapeCache()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self._check_batch(batch)
@@ -107,7 +107,7 @@ class OrtBackend(Backend):
                 result = result.astype(np.float32)
             host = np.empty_like(result)
             value = self._ort.OrtValue.ortvalue_from_numpy(host)
-            self._outputs[key] = (host, value)
+            self._outputs.put(key, (host, value))
             b.clear_binding_outputs()
             np.copyto(host, result)
             return host

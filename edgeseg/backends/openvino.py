@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeseg._exceptions import BackendError
 from edgeseg._optional import require
-from edgeseg.backends.base import Backend, TensorInfo
+from edgeseg.backends.base import Backend, ShapeCache, TensorInfo
 from edgeseg.backends.host import cache_root, host_cpu
 from edgeseg.backends.onnxruntime import default_threads
 
@@ -99,7 +99,7 @@ class OpenVinoBackend(Backend):
         # input shape → (its infer request, the host output buffer bound to it). One request per
         # shape: a request whose output is a host buffer cannot grow it for a larger batch
         # (a short last batch first, a full one next). With one stream they share the graph.
-        self._outputs: dict[tuple[int, ...], tuple[object, np.ndarray]] = {}
+        self._outputs: ShapeCache[tuple[object, np.ndarray]] = ShapeCache()
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         self._check_batch(batch)
@@ -119,7 +119,7 @@ class OpenVinoBackend(Backend):
             req.infer()
             host = np.array(req.get_output_tensor().data, dtype=np.float32, copy=True)
             req.set_output_tensor(self._ov.Tensor(host, shared_memory=True))
-            self._outputs[key] = (req, host)
+            self._outputs.put(key, (req, host))
             return host
         req, host = cached
         req.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))
