@@ -114,24 +114,15 @@ def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def resample_axis(array: np.ndarray, axis: int, n_out: int, mode: str, threads: int = 1) -> np.ndarray:
     """Resample one axis of ``array`` to ``n_out`` samples (float32 out for linear); with
-    ``threads``, parts of the first other axis at once (the same values)."""
+    ``threads``, parts of the first other axis at once (the same values). Like an unchanged
+    axis, a nearest pick of evenly spaced samples returns a view of ``array``."""
     n_in = array.shape[axis]
     if n_in == n_out:
         return array
     shape = list(array.shape)
     shape[axis] = n_out
     if mode == "nearest":
-        index = nearest_indices(n_in, n_out)
-        if axis == 0 or threads <= 1:  # along axis 0 it is whole-plane copies
-            return np.take(array, index, axis=axis)
-        out = np.empty(shape, dtype=array.dtype)
-        split_rows(
-            shape[0],
-            threads,
-            lambda r: np.take(array[r], index, axis=axis, out=out[r], mode="clip"),
-            out.size,
-        )
-        return out
+        return take_axis(array, nearest_indices(n_in, n_out), axis, threads)
     i0, i1, w = linear_weights(n_in, n_out)
     wshape = [1] * array.ndim
     wshape[axis] = n_out
@@ -153,6 +144,61 @@ def resample_axis(array: np.ndarray, axis: int, n_out: int, mode: str, threads: 
 
     split_rows(shape[split], threads, rows, out.size)
     return out
+
+
+def take_axis(array: np.ndarray, index: np.ndarray, axis: int, threads: int = 1) -> np.ndarray:
+    """``np.take(array, index, axis)``: a view of ``array`` when ``index`` is evenly spaced
+    (256 → 128 takes 1, 3, 5, …; a flip takes n-1, …, 0), else a new array. Along the last
+    axis, which moves single elements, ``threads`` gather parts of the first axis at once."""
+    step = stride_of(index)
+    if step:
+        stop = int(index[-1]) + (1 if step > 0 else -1)
+        box = [slice(None)] * array.ndim
+        box[axis] = slice(int(index[0]), stop if stop >= 0 else None, step)
+        return array[tuple(box)]
+    if array.dtype == np.uint8 and axis == array.ndim - 1:
+        times = _repeats(index)
+        if times in _WIDE:  # labels doubled along x: widen each byte into 2, 4 or 8 copies
+            wide, copies = _WIDE[times]
+            picked = take_axis(array, index[::times], axis)
+            out = np.empty(picked.shape, dtype=wide)  # C order, whatever the view's strides
+            return np.multiply(picked, copies, out=out).view(np.uint8)
+    if axis < array.ndim - 1 or threads <= 1:  # whole rows or planes: memory copies, no threads
+        return np.take(array, index, axis=axis)
+    shape = list(array.shape)
+    shape[axis] = len(index)
+    out = np.empty(shape, dtype=array.dtype)
+    split_rows(
+        shape[0],
+        threads,
+        lambda r: np.take(array[r], index, axis=axis, out=out[r], mode="clip"),
+        out.size,
+    )
+    return out
+
+
+# A gather along the last axis moves one element at a time (~0.5 ns each, whatever its size);
+# an integer upsampling of uint8 labels is instead one multiply that copies each byte into the
+# bytes of a wider integer: v * 0x0101 = (v, v).
+_WIDE = {2: (np.uint16, np.uint16(0x0101)), 4: (np.uint32, np.uint32(0x01010101)),
+         8: (np.uint64, np.uint64(0x0101010101010101))}  # fmt: skip
+
+
+def _repeats(index: np.ndarray) -> int:
+    """``r`` when ``index`` is an evenly spaced progression with each entry ``r`` times, else 0."""
+    runs = np.flatnonzero(np.diff(index))
+    r = int(runs[0]) + 1 if runs.size else index.size
+    if index.size % r or not stride_of(index[::r]):
+        return 0
+    return r if np.array_equal(index, np.repeat(index[::r], r)) else 0
+
+
+def stride_of(index: np.ndarray) -> int:
+    """The step of ``index`` when it is an arithmetic progression with a nonzero step, else 0."""
+    if index.size == 1:
+        return 1
+    step = int(index[1] - index[0])
+    return step if step != 0 and bool(np.all(np.diff(index) == step)) else 0
 
 
 def resample(

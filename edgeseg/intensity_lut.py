@@ -61,26 +61,38 @@ def intensity_by_lut(
     of it); the values are mapped here, before the planes are repeated."""
     if out is None or out.shape != stored.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         out = np.empty(stored.shape, dtype=np.float32)
-    # One intp index serves the bincount and the take (both would convert a narrower one).
-    index = np.empty(stored.shape, dtype=np.intp)
     offset = -int(np.iinfo(stored.dtype).min) if stored.dtype.kind == "i" else 0  # signed: min is bin 0
     bins = 1 << (8 * stored.dtype.itemsize)
+    # With repeats, each voxel's key also says how often its plane will be taken (at most 2
+    # kinds for a nearest upsampling): key = bin * kinds + kind. One bincount then gives the
+    # weighted histogram, and a table repeated per kind maps the keys, in the same passes.
+    kinds, add, along_rows = np.ones(1, dtype=np.int64), np.asarray(offset, dtype=np.intp), False
+    if repeats is not None:
+        axis, times = repeats
+        kinds, kind = np.unique(np.asarray(times, dtype=np.int64), return_inverse=True)
+        shape = [1] * stored.ndim
+        shape[axis] = stored.shape[axis]
+        add = (kind.astype(np.intp) + offset * len(kinds)).reshape(shape)
+        along_rows = axis == 0  # then each part of the rows takes its own kinds
+    per = np.intp(len(kinds))
+    # One intp index serves the bincount and the take (both would convert a narrower one).
+    index = np.empty(stored.shape, dtype=np.intp)
     parts: list[np.ndarray] = []
 
     def count(r: slice) -> None:
-        np.copyto(index[r], stored[r], casting="unsafe")
-        if offset:
-            index[r] += offset
-        parts.append(np.bincount(index[r].reshape(-1), minlength=bins))
+        # a few rows at a time, so that the key is added while they are still in cache
+        step = max(1, (1 << 16) // max(1, stored[0].size))
+        for i in range(r.start, r.stop, step):
+            rows = slice(i, min(i + step, r.stop))
+            part = index[rows]
+            np.multiply(stored[rows], per, out=part)
+            if add.ndim or offset:
+                part += add[rows] if along_rows else add
+        parts.append(np.bincount(index[r].reshape(-1), minlength=bins * len(kinds)))
 
     split_rows(stored.shape[0], threads, count, stored.size)
-    counts = parts[0] if len(parts) == 1 else np.sum(parts, axis=0)
-    if repeats is not None:  # weight each plane by how often it will be taken
-        axis, times = repeats
-        for m in np.unique(times):
-            if m != 1:
-                planes = np.take(index, np.flatnonzero(times == m), axis=axis)
-                counts += (int(m) - 1) * np.bincount(planes.reshape(-1), minlength=bins)
+    keyed = parts[0] if len(parts) == 1 else np.sum(parts, axis=0)
+    counts = keyed if len(kinds) == 1 else keyed.reshape(bins, len(kinds)) @ kinds
     present = np.flatnonzero(counts)
     values = (present - offset).astype(np.float32)
     # The same float32 operations, in the same order, as the array path.
@@ -91,6 +103,8 @@ def intensity_by_lut(
     values = apply_steps_to_histogram(values, counts[present], steps)
     table = np.zeros(counts.size, dtype=np.float32)
     table[present] = values
+    if len(kinds) > 1:
+        table = np.repeat(table, len(kinds))
     # every index is in the table: "clip" never clips, and lets take write into out unbuffered
     split_rows(stored.shape[0], threads, lambda r: table.take(index[r], out=out[r], mode="clip"), stored.size)
     return out

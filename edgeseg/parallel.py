@@ -25,8 +25,13 @@ def split_rows(n: int, threads: int, fn: Callable[[slice], None], work: int) -> 
         return
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers < parts:  # noqa: SLF001 (no public size)
-            _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="edgeseg-split")
+        if _pool is None or _pool._max_workers < parts - 1:  # noqa: SLF001 (no public size)
+            _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="edgeseg-split")
     bounds = [n * i // parts for i in range(parts + 1)]
-    for f in [_pool.submit(fn, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]:
-        f.result()
+    # the caller takes the first part itself: one thread fewer to wake, and none idles waiting
+    rest = [_pool.submit(fn, slice(a, b)) for a, b in zip(bounds[1:-1], bounds[2:])]
+    try:
+        fn(slice(bounds[0], bounds[1]))
+    finally:
+        for f in rest:
+            f.result()

@@ -26,6 +26,8 @@ from edgeseg.geometry import (
     resample,
     resample_image,
     spacing_to_shape,
+    stride_of,
+    take_axis,
 )
 from edgeseg.intensity import apply_intensity, gaussian_filter, gaussian_kernel, percentiles  # noqa: F401 (public here)
 from edgeseg.intensity_lut import intensity_by_lut, lut_applies, needs_statistics
@@ -277,14 +279,41 @@ def output_to_source_grid(output: np.ndarray, prepared: Prepared, spec: ModelSpe
     return resample_image(output, prepared.oriented, "linear", (2, 3, 4), None if low is None else low + 2)
 
 
+def source_planes(prepared: Prepared) -> list[np.ndarray | None]:
+    """Per model axis, the grid planes that the source grid takes back (nearest) where it takes
+    fewer than the grid has, else None: labels are only needed there. Labels on those planes
+    alone (that axis at its source length) map back through :func:`labels_to_source` as well."""
+    return [
+        nearest_indices(g, o) if o < g else None for g, o in zip(prepared.grid, prepared.oriented)
+    ]
+
+
 def labels_to_source(labels_grid: np.ndarray, prepared: Prepared, threads: int = 1) -> np.ndarray:
-    """Map (D, H, W) labels on the (unpadded) model grid back to the source (z, y, x) grid."""
-    view = prepared.orientation.from_model(
-        resample(labels_grid, prepared.oriented, "nearest", (0, 1, 2), threads)
-    )
-    if view.flags.c_contiguous:
-        return view
-    out = np.empty(view.shape, dtype=view.dtype)
+    """Map (D, H, W) labels on the (unpadded) model grid back to the source (z, y, x) grid; an
+    axis may already be at its source length (the planes :func:`source_planes` keeps).
+
+    The labels are gathered straight into source order: each source axis takes the nearest
+    indices of its model axis (reversed where the orientation flips it), so no transposed copy
+    of the full-size labels is made. Evenly spaced picks and flips are views and go first. A
+    gather along the last axis moves single elements, one along another axis whole rows: so
+    the other axes shrink first and the last axis grows first, each on the fewest elements.
+    """
+    orient = prepared.orientation
+    inverse = [int(i) for i in np.argsort(orient.perm)]  # source axis j is model axis inverse[j]
+    out = np.transpose(labels_grid, inverse)
+    picks = []
+    for j, m in enumerate(inverse):
+        index = nearest_indices(labels_grid.shape[m], prepared.oriented[m])
+        if orient.flips[m]:
+            index = index[::-1]
+        grows, last = prepared.oriented[m] > labels_grid.shape[m], j == 2
+        rank = 0 if stride_of(index) else 1 + 2 * grows + (last != grows)
+        picks.append((rank, j, index))
+    for _, j, index in sorted(picks, key=lambda p: p[0]):
+        out = take_axis(out, index, j, threads)
+    if out.flags.c_contiguous:
+        return out
+    view, out = out, np.empty(out.shape, dtype=out.dtype)
     split_rows(view.shape[0], threads, lambda r: np.copyto(out[r], view[r]), out.size)
     return out
 

@@ -18,8 +18,16 @@ from edgeseg._exceptions import BackendError
 from edgeseg._optional import available
 from edgeseg.backends.base import Backend
 from edgeseg.bundle import Bundle
+from edgeseg.geometry import take_axis
 from edgeseg.parallel import split_rows
-from edgeseg.preprocess import Prepared, Preprocessor, labels_to_source, output_to_source_grid, to_labels
+from edgeseg.preprocess import (
+    Prepared,
+    Preprocessor,
+    labels_to_source,
+    output_to_source_grid,
+    source_planes,
+    to_labels,
+)
 from edgeseg.result import SegmentationResult
 from edgeseg.sliding_window import SlabBlender, WindowPlan, mirror_sets, window_weights
 from edgeseg.spec import ModelSpec
@@ -323,9 +331,33 @@ class Segmenter:
         t = time.perf_counter()
         out = self._infer(prepared.array[None])
         t = timer.add("infer", t)
-        lab, c = to_labels(out, self.spec, with_confidence=conf)
+        d, h, w = prepared.grid
+        out = out[:, :, :d, :h, :w]
+        # Labels only where the source takes them back: a grid axis with more planes than the
+        # source (128 → 35 slices) is read at the planes it keeps, not argmaxed whole.
+        picks = source_planes(prepared)
+        for axis in (1, 2):
+            if picks[axis] is not None:
+                out = take_axis(out, picks[axis], axis + 2, self._threads)
+        planes = picks[0] if picks[0] is not None else np.arange(d)
+        labels = np.empty((len(planes), *out.shape[3:]), dtype=np.uint8)
+        confidence = np.empty_like(labels) if conf else None
+
+        def rows(r: slice) -> None:
+            for j in range(r.start, r.stop):
+                i = int(planes[j])
+                lab, c = to_labels(out[:, :, i : i + 1], self.spec, with_confidence=conf)
+                labels[j] = lab[0, 0]
+                if confidence is not None:
+                    confidence[j] = c[0, 0]  # type: ignore[index]
+
+        if picks[0] is None:  # every plane: whole-array passes
+            lab, c = to_labels(out, self.spec, with_confidence=conf)
+            labels, confidence = lab[0], (c[0] if c is not None else None)
+        else:
+            split_rows(len(planes), self._threads, rows, labels.size)
         timer.add("postprocess", t)
-        return self._crop(lab[0], prepared), (self._crop(c[0], prepared) if c is not None else None)
+        return labels, confidence
 
 
 def crop_to_nonzero(

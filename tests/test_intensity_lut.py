@@ -116,17 +116,36 @@ def test_the_lut_writes_into_the_model_buffer_when_it_can():
 
 
 @pytest.mark.parametrize("shape", [(64, 64, 64), (70, 40, 300), (20, 300, 30)])
-def test_mapping_before_the_nearest_upsampling_is_the_same(monkeypatch, shape):
+@pytest.mark.parametrize("orientation", [None, "PLS", "SPL"])
+def test_mapping_before_the_nearest_upsampling_is_the_same(monkeypatch, shape, orientation):
     # The per-value map runs on the grid before its one growing axis is repeated, with the
-    # statistics of the grown grid: the same floats as mapping the grown grid.
+    # statistics of the grown grid: the same floats as mapping the grown grid. Orientations
+    # put the growing slice axis first, second or last among the model axes.
     vol = _volumes()["MR uint16"]  # 35 slices: the slice axis grows in every shape here
     spec = ModelSpec(dims=3, labels=[Label(1, "a")], intensity=CHAINS["deepbet"], target_shape=shape,
-                     interpolation="nearest")  # fmt: skip
+                     interpolation="nearest", orientation=orientation)  # fmt: skip
     real, used = Preprocessor._nearest_lut, []
     monkeypatch.setattr(
         Preprocessor, "_nearest_lut", lambda self, *a: used.append(real(self, *a)) or used[-1]
     )
     fast = Preprocessor(spec)(vol).array.copy()
-    assert (used[0] is not None) == (shape != (70, 40, 300))  # two growing axes: the plain path
+    grown = sum(n > m for n, m in zip(shape, Preprocessor(spec).plan(vol)[1]))
+    assert (used[0] is not None) == (grown == 1)  # two growing axes: the plain path
     monkeypatch.setattr(Preprocessor, "_nearest_lut", lambda self, *a: None)
     np.testing.assert_array_equal(Preprocessor(spec)(vol).array, fast)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8])
+def test_repeated_planes_weigh_the_statistics_like_the_repeated_array(axis, dtype):
+    # repeats=(axis, counts) must give the statistics of the array whose planes along ``axis``
+    # are taken counts[i] times, for unsigned and signed stored integers.
+    rng = np.random.default_rng(11)
+    info = np.iinfo(dtype)
+    stored = rng.integers(max(info.min, -900), min(info.max, 2000), (6, 7, 8)).astype(dtype)
+    counts = rng.integers(1, 4, stored.shape[axis])
+    grown = np.repeat(stored, counts, axis=axis)
+    steps = CHAINS["deepbet"]
+    mapped = intensity_by_lut(stored, 1.5, -3.0, steps, repeats=(axis, counts))
+    want = apply_intensity(grown.astype(np.float32) * np.float32(1.5) + np.float32(-3.0), steps)
+    np.testing.assert_allclose(np.repeat(mapped, counts, axis=axis), want, rtol=0, atol=2e-6)

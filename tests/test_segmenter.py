@@ -63,6 +63,25 @@ def test_sliding_window_equals_whole_volume_for_a_pointwise_net():
     assert set(b.timings) == {"preprocess", "infer", "postprocess"}
 
 
+@pytest.mark.parametrize("target", [(24, 40, 50), (24, 20, 50), (16, 20, 30)])
+def test_whole_volume_labels_on_the_planes_the_source_keeps_are_the_full_argmax(target):
+    # A grid with more planes than the source along an axis is argmaxed only at the planes
+    # nearest resampling takes back: labels and confidence equal those of the whole grid.
+    from edgeseg.preprocess import Preprocessor, labels_to_source, to_labels
+
+    rng = np.random.default_rng(8)
+    vol = Volume.from_array(rng.standard_normal((20, 37, 41)).astype(np.float32))
+    spec = ModelSpec(dims=3, labels=[Label(1, "a"), Label(2, "b")], target_shape=target,
+                     interpolation="nearest")  # fmt: skip
+    be = OrtBackend(_pointwise_onnx(3))
+    got = Segmenter(spec, be).segment(vol, with_confidence=True)
+    prepared = Preprocessor(spec)(vol)
+    lab, conf = to_labels(be.infer(prepared.array[None]).copy(), spec, with_confidence=True)
+    d, h, w = prepared.grid
+    np.testing.assert_array_equal(got.labels, labels_to_source(lab[0, :d, :h, :w], prepared))
+    np.testing.assert_array_equal(got.confidence, labels_to_source(conf[0, :d, :h, :w], prepared))
+
+
 def test_2d_mode_runs_slices_in_batches():
     rng = np.random.default_rng(4)
     vol = Volume.from_array(rng.standard_normal((7, 12, 10)).astype(np.float32))
