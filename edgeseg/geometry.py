@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgeseg.parallel import split_rows
+from edgeseg.parallel import plane_threads, split_rows
 
 if TYPE_CHECKING:
     from edgeseg.spec import ModelSpec
@@ -124,23 +124,38 @@ def resample_axis(array: np.ndarray, axis: int, n_out: int, mode: str, threads: 
     if mode == "nearest":
         return take_axis(array, nearest_indices(n_in, n_out), axis, threads)
     i0, i1, w = linear_weights(n_in, n_out)
+    out = np.empty(shape, dtype=np.float32)
+    plane = out.size // n_out
+    if axis == 0 and plane >= 1024:
+        # Plane by plane: each output plane from its two source planes while they are in
+        # cache, instead of two gathered copies of the whole output; the same float32 ops.
+        # (Along later axes the planes are strided and the gathers below were faster.)
+
+        def planes(r: slice) -> None:
+            for k in range(r.start, r.stop):
+                dst, a0 = out[k], array[int(i0[k])]
+                np.subtract(array[int(i1[k])], a0, out=dst, dtype=np.float32)
+                dst *= w[k]
+                np.add(dst, a0, out=dst, dtype=np.float32)
+
+        split_rows(n_out, plane_threads(plane, threads), planes, out.size)
+        return out
     wshape = [1] * array.ndim
     wshape[axis] = n_out
     w = w.reshape(wshape)
-    out = np.empty(shape, dtype=np.float32)
     split = 1 if axis == 0 else 0
     part: list[slice] = [slice(None)] * array.ndim
 
     def rows(r: slice) -> None:
         box = list(part)
         box[split] = r
-        src = array[tuple(box)]
-        a0 = np.take(src, i0, axis=axis).astype(np.float32, copy=False)
-        a1 = np.take(src, i1, axis=axis).astype(np.float32, copy=False)
-        # a0 + w * (a1 - a0), in place on the fresh a1 buffer.
-        a1 -= a0
-        a1 *= w
-        np.add(a1, a0, out=out[tuple(box)])
+        src, dst = array[tuple(box)], out[tuple(box)]
+        a0 = np.take(src, i0, axis=axis)
+        # a0 + w * (a1 - a0) in float32, written into the output (stored integers are cast
+        # by the ufuncs, not copied to float first)
+        np.subtract(np.take(src, i1, axis=axis), a0, out=dst, dtype=np.float32)
+        dst *= w
+        np.add(dst, a0, out=dst, dtype=np.float32)
 
     split_rows(shape[split], threads, rows, out.size)
     return out

@@ -23,7 +23,24 @@ def _moments(x: np.ndarray, nonzero: bool) -> tuple[float, float]:
     sample = x[x != 0] if nonzero else x
     if sample.size == 0:
         sample = x
-    return float(sample.mean(dtype=np.float64)), float(sample.std(dtype=np.float64))
+    flat = sample.reshape(-1)
+    n = flat.size
+    # One pass in float64 through a cache-sized block (np.mean then np.std read the volume
+    # twice and make a float64 copy of it): sums of the deviations from a shift near the
+    # mean, which keeps the variance as exact as the two-pass formula.
+    shift = float(flat[:: max(1, n // 4096)].mean(dtype=np.float64))
+    s1 = s2 = 0.0
+    block = np.empty(min(n, _BLOCK), dtype=np.float64)
+    for i in range(0, n, _BLOCK):
+        d = block[: min(_BLOCK, n - i)]
+        np.subtract(flat[i : i + _BLOCK], shift, out=d, dtype=np.float64)
+        s1 += float(d.sum())
+        s2 += float(np.dot(d, d))
+    mean = s1 / n
+    return shift + mean, math.sqrt(max(s2 / n - mean * mean, 0.0))
+
+
+_BLOCK = 1 << 16  # float64 deviations per pass: half a MiB
 
 
 def apply_steps(
@@ -98,13 +115,14 @@ def order_statistics(flat: np.ndarray, ks: Sequence[int]) -> dict[int, np.floati
 
     Clipping percentiles sit in the tails: a strided sample gives a threshold that keeps a
     little more than the needed tail, and only that tail is partitioned (several times faster
-    than partitioning the volume). When the tail kept is too short, or with NaNs, the whole
-    array is partitioned as before; either way the values are exact.
+    than partitioning the volume). When the tail kept is too short the whole array is
+    partitioned as before; either way the values are exact. NaNs sort last, as np.partition
+    sorts them: the high tail keeps them (it is what is not below its threshold).
     """
     n = flat.size
     ks = sorted({int(k) for k in ks})
     step = 32
-    if n < (1 << 16) or np.isnan(flat.max()):
+    if n < (1 << 16):
         part = np.partition(flat, ks)
         return {k: part[k] for k in ks}
     sample = flat[::step]
@@ -122,7 +140,7 @@ def order_statistics(flat: np.ndarray, ks: Sequence[int]) -> dict[int, np.floati
             hi = ks
     if hi:
         r = min(ns - 1, (n - min(hi)) // step * 5 // 4 + 16)
-        tail = flat[flat >= np.partition(sample, ns - 1 - r)[ns - 1 - r]]  # the tail.size largest
+        tail = flat[~(flat < np.partition(sample, ns - 1 - r)[ns - 1 - r])]  # the tail.size largest
         first = n - tail.size  # the sorted position of tail's smallest value
         if first > min(hi):
             part = np.partition(flat, ks)

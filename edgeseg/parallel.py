@@ -11,9 +11,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 SPLIT_MIN = 1 << 17  # elements of work below which splitting it across threads does not pay
+PLANE_MIN = 1 << 18  # elements per call below which a Python loop of calls gains nothing from threads
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+def plane_threads(plane: int, threads: int) -> int:
+    """Threads for a Python loop of numpy calls on ``plane`` elements each: 1 for small planes,
+    whose calls are too short to run while the other threads hold the GIL."""
+    return threads if plane >= PLANE_MIN else 1
 
 
 def split_rows(n: int, threads: int, fn: Callable[[slice], None], work: int) -> None:

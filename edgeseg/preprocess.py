@@ -57,12 +57,16 @@ class Prepared:
 
 
 class Preprocessor:
-    """Runs a spec's preprocessing, reusing its output buffer across calls of the same shape."""
+    """Runs a spec's preprocessing, reusing its output buffer across calls of the same shape.
+
+    The buffer is the returned ``Prepared.array``: read it, do not write it (its padding is
+    written once per grid, and the next call overwrites the rest)."""
 
     def __init__(self, spec: ModelSpec, threads: int = 1):
         self.spec = spec
         self.threads = threads  # splits resampling and the intensity lookup (same values)
         self._buffer: np.ndarray | None = None
+        self._padded: tuple[int, int, int] | None = None  # the grid whose padding the buffer holds
 
     def plan(self, volume: Volume) -> tuple[Orientation, tuple[int, int, int], tuple[int, int, int]]:
         """(orientation, oriented shape, model grid) for ``volume`` under this spec."""
@@ -113,8 +117,11 @@ class Preprocessor:
         layout = (spec.in_channels, *padded) if spec.dims == 3 else (padded[0], spec.in_channels, *padded[1:])
         if self._buffer is None or self._buffer.shape != layout:
             self._buffer = np.empty(layout, dtype=np.float32)
+            self._padded = None
         buf = self._buffer
-        _fill_padding(buf, grid, spec.dims, spec.pad_value)  # the channels below write the rest
+        if self._padded != grid:  # the channels below write the rest; nothing else writes there
+            _fill_padding(buf, grid, spec.dims, spec.pad_value)
+            self._padded = grid
         for c, vol in enumerate(vols):
             if spec.dims == 3:
                 dest = buf[c, : grid[0], : grid[1], : grid[2]]

@@ -19,7 +19,7 @@ from edgeseg._optional import available
 from edgeseg.backends.base import Backend
 from edgeseg.bundle import Bundle
 from edgeseg.geometry import take_axis
-from edgeseg.parallel import split_rows
+from edgeseg.parallel import plane_threads, split_rows
 from edgeseg.preprocess import (
     Prepared,
     Preprocessor,
@@ -234,27 +234,54 @@ class Segmenter:
         # nnU-Net's order-1 return of the output needs all of it at once: those specs keep the
         # whole blended output; every other spec finishes labels (and confidence) per slab.
         whole = spec.output_interpolation == "linear"
-        labels = np.empty(grid, dtype=np.uint8) if not whole else None
-        confidence = np.empty(grid, dtype=np.uint8) if conf and not whole else None
+        # Labels only on the grid rows the source takes back (84 → 35 slices: 35 rows).
+        kept_rows = None if whole else source_planes(prepared)[0]
+        rows = grid[0] if kept_rows is None else len(kept_rows)
+        labels = np.empty((rows, *grid[1:]), dtype=np.uint8) if not whole else None
+        confidence = np.empty_like(labels) if conf and not whole else None
         kept: list[np.ndarray] = []
+        # Two classes, argmax alone: only the sign of (class 1 - class 0) matters, so that one
+        # channel is blended instead of two (half the memory traffic of the blend). Ties go to
+        # class 0 as with argmax; the sum of differences can differ from the difference of
+        # sums by float rounding only, at voxels where the two classes are equal to ~1e-7.
+        sign_only = not (whole or conf) and spec.output == "argmax"
+        diff: list[bool] = []  # set once the output's channels are known
+
+        def slab_labels(part: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            if diff:
+                return np.greater(part[0], 0).view(np.uint8), None
+            lab, c = to_labels(part[None], spec, with_confidence=conf)
+            return lab[0], (c[0] if c is not None else None)
 
         def finish(lo: int, hi: int, slab: np.ndarray) -> None:
             # rows [lo, hi) of the windowed array, in-plane the image box: grid rows [r0, r1)
             r0, r1 = lo - off[0], hi - off[0]
-            part = slab
             if labels is None:
                 if not kept:
                     kept.append(np.empty((slab.shape[0], *grid), dtype=np.float32))
-                kept[0][:, r0:r1] = part
+                kept[0][:, r0:r1] = slab
                 return
+            if kept_rows is None:
 
-            def to_grid(y: slice) -> None:  # in-plane rows y of the part: labels and confidence
-                lab, c = to_labels(part[None, :, :, y], spec, with_confidence=conf)
-                labels[r0:r1, y] = lab[0]
-                if confidence is not None:
-                    confidence[r0:r1, y] = c[0]  # type: ignore[index]
+                def to_grid(y: slice) -> None:  # in-plane rows y of the slab
+                    lab, c = slab_labels(slab[:, :, y])
+                    labels[r0:r1, y] = lab
+                    if confidence is not None:
+                        confidence[r0:r1, y] = c
 
-            split_rows(part.shape[2], self._threads, to_grid, part.size)
+                split_rows(slab.shape[2], self._threads, to_grid, slab.size)
+                return
+            a, b = (int(i) for i in np.searchsorted(kept_rows, (r0, r1)))
+
+            def to_rows(r: slice) -> None:  # kept rows a + r, one at a time
+                for i in range(a + r.start, a + r.stop):
+                    k = int(kept_rows[i]) - r0
+                    lab, c = slab_labels(slab[:, k : k + 1])
+                    labels[i] = lab[0]
+                    if confidence is not None:
+                        confidence[i] = c[0]  # type: ignore[index]
+
+            split_rows(b - a, plane_threads(slab[:, 0].size, self._threads), to_rows, (b - a) * slab[:, 0].size)
 
         blender: SlabBlender | None = None
         for group in plan.batches(bs):
@@ -274,11 +301,13 @@ class Segmenter:
             out = self._infer(batch[: len(group)])
             t = timer.add("infer", t)
             if blender is None:
+                diff.extend([True] if sign_only and out.shape[1] == 2 else [])
                 # argmax alone needs no division by the weight sum: a positive scale keeps it
                 normalize = conf or whole or spec.output != "argmax"
                 blender = SlabBlender(
-                    plan, out.shape[1], finish, normalize=normalize, ring=self._ring, threads=self._threads
-                )
+                    plan, 1 if diff else out.shape[1], finish, normalize=normalize, ring=self._ring,
+                    threads=self._threads, difference=bool(diff),
+                )  # fmt: skip
                 self._ring = blender.ring
             for j, w in enumerate(group):
                 blender.add(w, out[j][:, None] if two_d else out[j])

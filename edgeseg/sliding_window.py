@@ -268,10 +268,16 @@ class SlabBlender:
     (K, ``plan.ring_rows``, H, W) buffer, ``ring`` when given (kept for the next volume of the
     same plan), reused after ``finish`` returns. ``threads`` split each window's blend by rows
     of its in-plane boxes (the same operations on every element, so the same floats).
+
+    ``difference``: window outputs have 2 channels and the one blended channel is (channel 1 -
+    channel 0), weighted: all that a 2-class argmax needs, for half the memory traffic.
     """
 
     def __init__(self, plan: WindowPlan, channels: int, finish: Finish, *, normalize: bool,
-                 ring: np.ndarray | None = None, threads: int = 1):  # fmt: skip
+                 ring: np.ndarray | None = None, threads: int = 1, difference: bool = False):  # fmt: skip
+        if difference and channels != 1:
+            raise ValueError("a difference blend has 1 channel")
+        self.difference = difference
         self.plan, self.k, self.finish, self.normalize = plan, int(channels), finish, normalize
         shape = (self.k, plan.ring_rows, *plan.slab_shape(0)[1:])
         if ring is None or ring.shape != shape or ring.dtype != np.float32:
@@ -305,13 +311,21 @@ class SlabBlender:
                 src = out[:, rows, w0:w1, wx]
                 wgt = plan.weight[rows, w0:w1, wx]
                 if fresh:  # the first window here: its product is the sum so far
-                    np.multiply(src, wgt, out=dst)
+                    if self.difference:
+                        np.subtract(src[1:], src[:1], out=dst)
+                        dst *= wgt
+                    else:
+                        np.multiply(src, wgt, out=dst)
                     continue
                 scratch = self._scratch.get(part.start)
                 if scratch is None or scratch.size < dst.size:
                     scratch = self._scratch[part.start] = np.empty(out.size, dtype=np.float32)
                 tmp = scratch[: dst.size].reshape(dst.shape)
-                np.multiply(src, wgt, out=tmp)
+                if self.difference:
+                    np.subtract(src[1:], src[:1], out=tmp)
+                    tmp *= wgt
+                else:
+                    np.multiply(src, wgt, out=tmp)
                 dst += tmp
 
         split_rows(plan.patch[1], self.threads, blend, out.size)

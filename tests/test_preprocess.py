@@ -42,7 +42,8 @@ def test_percentile_and_zscore_match_numpy_statistics():
 
 def test_percentiles_take_exact_order_statistics_from_the_tails(seg_data):
     """The tail selection gives np.partition's values exactly: on a real MR volume resampled
-    large enough to take that path, on ties, sorted data, and with a NaN (whole partition)."""
+    large enough to take that path, on ties, sorted data, and with NaNs (one, or more than
+    the high tail holds: they sort last, as np.partition sorts them)."""
     from edgeseg.intensity import order_statistics, percentiles
     from edgeseg.nifti_input import read_nifti
 
@@ -50,8 +51,10 @@ def test_percentiles_take_exact_order_statistics_from_the_tails(seg_data):
     big = np.repeat(mr.modality_values().astype(np.float32), 4, axis=0)  # > 2^16 voxels
     with_nan = RNG.standard_normal(100_000).astype(np.float32)
     with_nan[7] = np.nan
+    many_nans = RNG.standard_normal(100_000).astype(np.float32)
+    many_nans[RNG.choice(many_nans.size, 3000, replace=False)] = np.nan
     cases = [big, RNG.integers(0, 30, 200_000).astype(np.float32), np.sort(RNG.standard_normal(150_000)),
-             np.zeros(90_000, np.float32), with_nan]  # fmt: skip
+             np.zeros(90_000, np.float32), with_nan, many_nans]  # fmt: skip
     for x in cases:
         flat = x.reshape(-1)
         n = flat.size
@@ -60,7 +63,7 @@ def test_percentiles_take_exact_order_statistics_from_the_tails(seg_data):
             ks = sorted({int(np.floor(v)) for v in r} | {min(int(np.floor(v)) + 1, n - 1) for v in r})
             part = np.partition(flat, ks)
             got = order_statistics(flat, ks)
-            assert [str(got[k]) for k in ks] == [str(part[k]) for k in ks], (q, x.dtype)
+            assert [str(got[k]) for k in ks] == [str(part[k]) for k in ks], (q, x.dtype)  # nan == nan
     np.testing.assert_allclose(percentiles(big, 0.5, 99.5), np.percentile(big, [0.5, 99.5]), rtol=1e-6)
 
 

@@ -19,6 +19,7 @@ from edgeseg.preprocess import labels_to_source, output_to_source_grid, to_label
 from edgeseg.segmenter import Segmenter
 from edgeseg.sliding_window import SlabBlender, WindowPlan, batches, mirror_sets, window_weights
 from edgeseg.spec import Label, ModelSpec, ZScore
+from edgeseg.volume import Volume
 
 onnx = pytest.importorskip("onnx")
 
@@ -214,6 +215,53 @@ def test_slab_blender_matches_a_whole_buffer_and_holds_one_patch_depth(size, pat
     longest = max(hi - lo for lo, hi in plan.slabs)
     assert blender.ring.shape[1] == plan.ring_rows <= patch[0] + longest - 1 or plan.ring_rows == longest
     assert blender.ring.shape[2:] == full.shape[2:]  # only the box is held
+
+
+@pytest.mark.parametrize("size,patch,roi", [((70, 33, 29), (16, 24, 16), None),
+                                             ((61, 40, 40), (24, 16, 16), ((5, 50), (3, 37), (9, 31)))])
+def test_a_difference_blend_is_the_weighted_sum_of_the_class_differences(size, patch, roi):
+    # The 2-class argmax blend keeps one channel: sum over windows of weight * (y1 - y0), in
+    # window order, the first write a product: the same floats as a whole buffer of them.
+    rng = np.random.default_rng(9)
+    plan = WindowPlan(size, patch, 0.5, window_weights(patch), roi)
+    outs = [rng.standard_normal((2, *patch)).astype(np.float32) for _ in plan.starts]
+    full = np.zeros((1, *size), np.float32)
+    for (a, b, c), o in zip(plan.starts, outs):
+        full[:, a : a + patch[0], b : b + patch[1], c : c + patch[2]] += (o[1:] - o[:1]) * plan.weight
+    full = full[(slice(None), *(slice(a, b) for a, b in plan.roi))]
+    got = np.full(full.shape, np.nan, np.float32)
+
+    def finish(lo, hi, slab):
+        got[:, lo - plan.roi[0][0] : hi - plan.roi[0][0]] = slab
+
+    blender = SlabBlender(plan, 1, finish, normalize=False, difference=True, threads=2)
+    for w in range(len(plan.starts)):
+        blender.add(w, outs[w])
+    blender.close()
+    np.testing.assert_array_equal(got, full)
+    with pytest.raises(ValueError, match="1 channel"):
+        SlabBlender(plan, 2, finish, normalize=False, difference=True)
+
+
+def test_two_class_windows_without_confidence_give_the_argmax_of_the_whole_volume():
+    # Sign-only blending on a per-voxel net: every window sees the same values at a voxel, so
+    # the sign of the weighted sum of (y1 - y0) is exactly the sign of y1 - y0, which is the
+    # 2-class argmax; the grid is deeper than the source (labels on the kept rows only).
+    from test_segmenter import _pointwise_onnx
+
+    rng = np.random.default_rng(3)
+    vol = Volume.from_array(rng.standard_normal((20, 37, 41)).astype(np.float32) * 10)  # both classes
+    labels = [Label(1, "a")]
+    be = OrtBackend(_pointwise_onnx(3, classes=2))
+    whole = ModelSpec(dims=3, labels=labels, target_shape=(48, 37, 41), interpolation="nearest")
+    sliding = ModelSpec(dims=3, labels=labels, target_shape=(48, 37, 41), interpolation="nearest",
+                        patch_size=(16, 16, 16), overlap=0.5, batch_size=3)  # fmt: skip
+    want = Segmenter(whole, be).segment(vol).labels
+    got = Segmenter(sliding, be).segment(vol).labels
+    assert 0.2 < want.mean() < 0.8
+    np.testing.assert_array_equal(got, want)
+    # with confidence the two channels are blended and divided as before: the same labels
+    np.testing.assert_array_equal(Segmenter(sliding, be).segment(vol, with_confidence=True).labels, want)
 
 
 def test_batches_short_or_filled_last():
