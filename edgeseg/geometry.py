@@ -112,10 +112,13 @@ def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return i0, i1, w
 
 
-def resample_axis(array: np.ndarray, axis: int, n_out: int, mode: str, threads: int = 1) -> np.ndarray:
+def resample_axis(
+    array: np.ndarray, axis: int, n_out: int, mode: str, threads: int = 1, out: np.ndarray | None = None
+) -> np.ndarray:
     """Resample one axis of ``array`` to ``n_out`` samples (float32 out for linear); with
     ``threads``, parts of the first other axis at once (the same values). Like an unchanged
-    axis, a nearest pick of evenly spaced samples returns a view of ``array``."""
+    axis, a nearest pick of evenly spaced samples returns a view of ``array``. Linear writes
+    into ``out`` when it is a C-contiguous float32 array of the result's shape."""
     n_in = array.shape[axis]
     if n_in == n_out:
         return array
@@ -124,7 +127,8 @@ def resample_axis(array: np.ndarray, axis: int, n_out: int, mode: str, threads: 
     if mode == "nearest":
         return take_axis(array, nearest_indices(n_in, n_out), axis, threads)
     i0, i1, w = linear_weights(n_in, n_out)
-    out = np.empty(shape, dtype=np.float32)
+    if out is None or out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        out = np.empty(shape, dtype=np.float32)
     plane = out.size // n_out
     if axis == 0 and plane >= 1024:
         # Plane by plane: each output plane from its two source planes while they are in
@@ -217,16 +221,32 @@ def stride_of(index: np.ndarray) -> int:
 
 
 def resample(
-    array: np.ndarray, out_shape: tuple[int, ...], mode: str, axes: tuple[int, ...], threads: int = 1
+    array: np.ndarray,
+    out_shape: tuple[int, ...],
+    mode: str,
+    axes: tuple[int, ...],
+    threads: int = 1,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Separable resampling of ``axes`` of ``array`` to ``out_shape`` (one entry per axis in ``axes``).
 
     Axes are processed from the one that shrinks most, so the intermediate arrays stay small.
+    ``out`` (C-contiguous, the result's shape and dtype) receives the result, written by the
+    last linear pass itself where there is one; it is then returned.
     """
-    order = sorted(range(len(axes)), key=lambda i: out_shape[i] / max(array.shape[axes[i]], 1))
-    out = array
-    for i in order:
-        out = resample_axis(out, axes[i], int(out_shape[i]), mode, threads)
+    todo = [i for i in range(len(axes)) if array.shape[axes[i]] != int(out_shape[i])]
+    todo.sort(key=lambda i: out_shape[i] / max(array.shape[axes[i]], 1))
+    result = array
+    for n, i in enumerate(todo):
+        last = out if n == len(todo) - 1 and mode == "linear" else None
+        result = resample_axis(result, axes[i], int(out_shape[i]), mode, threads, out=last)
+    return _into(out, result)
+
+
+def _into(out: np.ndarray | None, result: np.ndarray) -> np.ndarray:
+    if out is None or result is out:
+        return result
+    np.copyto(out, result)
     return out
 
 
@@ -249,37 +269,39 @@ def resample_image(
     axes: tuple[int, ...],
     lowres: int | None = None,
     threads: int = 1,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`resample` with ``mode`` "linear", "nearest" or "cubic", and nnU-Net's separate
-    low-resolution axis: ``lowres`` (an array axis among ``axes``, or None) goes nearest.
+    low-resolution axis: ``lowres`` (an array axis among ``axes``, or None) goes nearest;
+    ``out`` as for :func:`resample`.
 
     Cubic clips to the input's range like skimage's ``resize`` (``clip=True``): over the whole
     array (one channel), or per slice along ``lowres`` when nnU-Net resizes slice by slice.
     """
     if mode != "cubic":
         if lowres not in axes or mode == "nearest":
-            return resample(array, out_shape, mode, axes, threads)
+            return resample(array, out_shape, mode, axes, threads, out=out)
         inplane = tuple(i for i, a in enumerate(axes) if a != lowres)
         shape = tuple(out_shape[i] for i in inplane)
-        out = resample(array, shape, mode, tuple(axes[i] for i in inplane), threads)
-        return resample_axis(out, lowres, int(out_shape[axes.index(lowres)]), "nearest", threads)
+        part = resample(array, shape, mode, tuple(axes[i] for i in inplane), threads)
+        return _into(out, resample_axis(part, lowres, int(out_shape[axes.index(lowres)]), "nearest", threads))
     from edgeseg.resample_spline import cubic_axis
 
     todo = [(a, int(n)) for a, n in zip(axes, out_shape) if a != lowres and array.shape[a] != int(n)]
     if not todo:
-        out = array
+        res = array
     else:
         others = tuple(a for a in range(array.ndim) if a != lowres)
         lo = np.min(array, axis=others if lowres is not None else None, keepdims=True)
         hi = np.max(array, axis=others if lowres is not None else None, keepdims=True)
         # the axis that shrinks most first, as resample does: smaller intermediates
-        out = array
+        res = array
         for a, n in sorted(todo, key=lambda t: t[1] / max(array.shape[t[0]], 1)):
-            out = cubic_axis(out, a, n)
-        np.clip(out, lo.astype(np.float32), hi.astype(np.float32), out=out)
+            res = cubic_axis(res, a, n)
+        np.clip(res, lo.astype(np.float32), hi.astype(np.float32), out=res)
     if lowres in axes:  # a separate axis outside ``axes`` (a 2D model's slices) only sets the clip
-        out = resample_axis(out, lowres, int(out_shape[axes.index(lowres)]), "nearest")
-    return out
+        res = resample_axis(res, lowres, int(out_shape[axes.index(lowres)]), "nearest")
+    return _into(out, res)
 
 
 def image_lowres_axis(spec: ModelSpec, spacing: tuple[float, float, float]) -> int | None:

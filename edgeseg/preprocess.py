@@ -60,10 +60,15 @@ class Preprocessor:
     """Runs a spec's preprocessing, reusing its output buffer across calls of the same shape.
 
     The buffer is the returned ``Prepared.array``: read it, do not write it (its padding is
-    written once per grid, and the next call overwrites the rest)."""
+    written once per grid, and the next call overwrites the rest).
 
-    def __init__(self, spec: ModelSpec, threads: int = 1):
+    ``pad=False`` leaves the grid unpadded (``Prepared.array`` is then (C, *grid), or
+    (D, C, H, W) of the grid): for sliding windows, which pad each window as they cut it, so
+    the image is written in one contiguous block, by the resampling itself where it can."""
+
+    def __init__(self, spec: ModelSpec, threads: int = 1, *, pad: bool = True):
         self.spec = spec
+        self.pad = pad
         self.threads = threads  # splits resampling and the intensity lookup (same values)
         self._buffer: np.ndarray | None = None
         self._padded: tuple[int, int, int] | None = None  # the grid whose padding the buffer holds
@@ -113,13 +118,13 @@ class Preprocessor:
                 + ", ".join(str(v.shape) for v in vols)
             )
         orient, oriented, grid = self.plan(vols[0])
-        padded = self.padded_shape(grid)
+        padded = self.padded_shape(grid) if self.pad else grid
         layout = (spec.in_channels, *padded) if spec.dims == 3 else (padded[0], spec.in_channels, *padded[1:])
         if self._buffer is None or self._buffer.shape != layout:
             self._buffer = np.empty(layout, dtype=np.float32)
             self._padded = None
         buf = self._buffer
-        if self._padded != grid:  # the channels below write the rest; nothing else writes there
+        if self._padded != grid and padded != grid:  # the channels write the rest; nothing else does
             _fill_padding(buf, grid, spec.dims, spec.pad_value)
             self._padded = grid
         for c, vol in enumerate(vols):
@@ -156,12 +161,16 @@ class Preprocessor:
         if uniform:
             # Rescale is one affine map, which commutes with resampling: resample the stored
             # values (2 bytes a voxel, usually a smaller grid) and rescale only the result.
-            x = resample_image(orient.to_model(vol.stored), out_shape, mode, axes, low, self.threads)
+            # Linear floats go straight into a C-order destination (the unpadded buffer): no
+            # copy, and the intensity steps run on one contiguous block.
+            into = dest if mode == "linear" and dest is not None and dest.flags.c_contiguous else None
+            x = resample_image(orient.to_model(vol.stored), out_shape, mode, axes, low, self.threads, out=into)
             if lut_applies(x, steps) and needs_statistics(steps):
                 # still stored integers: the statistics and the steps run on their histogram
                 slope, intercept = float(vol.slope[0]), float(vol.intercept[0])
                 return intensity_by_lut(x, slope, intercept, steps, out=dest, threads=self.threads)
-            x = _own_float32(x, vol.stored)
+            if x is not into:
+                x = _own_float32(x, vol.stored)
             if vol.slope[0] != 1.0:
                 x *= np.float32(vol.slope[0])
             if vol.intercept[0] != 0.0:

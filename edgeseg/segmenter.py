@@ -70,7 +70,8 @@ class Segmenter:
         self._ring: np.ndarray | None = None  # the slab buffer, kept for the next volume
         # the engine's threads also split pre- and postprocessing (run while the engine is idle)
         self._threads = _engine_threads(backend)
-        self._pre = Preprocessor(spec, threads=self._threads)
+        # sliding windows pad each window as they cut it: the image is kept unpadded
+        self._pre = Preprocessor(spec, threads=self._threads, pad=spec.patch_size is None)
         # Every non-empty combination of the spec's mirror axes (array axes of (N, C, *spatial)),
         # in nnU-Net's order; the plain pass comes first.
         self._mirrors = mirror_sets(spec.mirror_axes, 2) if tta else []
@@ -198,33 +199,23 @@ class Segmenter:
         """Sliding window over the volume (3D) or over each slice (2D models), blended in slabs
         (:mod:`edgeseg.sliding_window`): memory of one slab of patch depth, whatever K and the
         volume. ``window_padding`` "center" pads an image smaller than the patch as nnU-Net does
-        (half before, half after), "end" uses the preprocessed padding."""
+        (half before, half after), "end" pads after it to the spec's padded shape. The image is
+        the unpadded grid (the Preprocessor's ``pad=False``): each window is cut from it and its
+        part outside the image filled with ``pad_value``, as a padded copy would give."""
         spec = self.spec
         patch = tuple(int(p) for p in spec.patch_size)  # type: ignore[union-attr]
         grid = prepared.grid
-        x = prepared.array
         two_d = len(patch) == 2
         # src: (C, D, H, W) for 3D; (D, C, H, W) for 2D, whose windows are (1, p1, p2) per slice
-        src = x[:, :, : grid[1], : grid[2]] if two_d else x[:, : grid[0], : grid[1], : grid[2]]
+        src = prepared.array
         chan_axis = 1 if two_d else 0
         win = (1, *patch) if two_d else patch
-        off = (0, 0, 0)
         if spec.window_padding == "center":
-            size = src.shape[:chan_axis] + src.shape[chan_axis + 1 :]
-            padded = tuple(max(s, p) for s, p in zip(size, win))
-            if padded != size:
-                off = tuple((P - s) // 2 for P, s in zip(padded, size))
-                layout = list(padded)
-                layout.insert(chan_axis, src.shape[chan_axis])
-                xp = np.full(layout, spec.pad_value, dtype=np.float32)
-                box = [slice(o, o + s) for o, s in zip(off, size)]
-                box.insert(chan_axis, slice(None))
-                xp[tuple(box)] = src
-                src = xp
+            size = tuple(max(g, p) for g, p in zip(grid, win))
+            off = tuple((P - g) // 2 for P, g in zip(size, grid))
         else:
-            src = x  # the preprocessed padding (≥ patch, divisible_by)
-        size = src.shape[:chan_axis] + src.shape[chan_axis + 1 :]
-        # only the image inside the padding is blended (the windows still cover the padding)
+            size, off = self._pre.padded_shape(grid), (0, 0, 0)
+        # only the image is blended (the windows still cover the padding)
         plan = self._plan(size, win, tuple((o, o + g) for o, g in zip(off, grid)))
         c_in = src.shape[chan_axis]
         bs = spec.batch_size
@@ -289,12 +280,11 @@ class Segmenter:
 
             def extract(y: slice, group: list[int] = group) -> None:  # window rows y (in-plane)
                 for j, w in enumerate(group):
-                    a, b, c = plan.starts[w]
-                    b0, b1 = b + y.start, b + y.stop
+                    a, b, c = (st - o for st, o in zip(plan.starts[w], off))  # in the image
                     if two_d:
-                        batch[j, :, y] = src[a, :, b0:b1, c : c + patch[1]]
+                        cut_window(src[a], (b + y.start, c), batch[j, :, y], spec.pad_value)
                     else:
-                        batch[j, :, :, y] = src[:, a : a + patch[0], b0:b1, c : c + patch[2]]
+                        cut_window(src, (a, b + y.start, c), batch[j, :, :, y], spec.pad_value)
 
             split_rows(patch[-2], self._threads, extract, len(group) * batch[0].size)
             t = timer.add("preprocess", t)
@@ -387,6 +377,28 @@ class Segmenter:
             split_rows(len(planes), self._threads, rows, labels.size)
         timer.add("postprocess", t)
         return labels, confidence
+
+
+def cut_window(image: np.ndarray, start: Sequence[int], dst: np.ndarray, pad: float) -> None:
+    """``dst[...] = image[..., start : start + window]`` over the last ``len(start)`` axes
+    (the window's shape is ``dst``'s), with the part of the window outside the image set to
+    ``pad``: what cutting it from a padded copy of the image would give."""
+    n = len(start)
+    inside, into = [], []
+    for lo, size, width in zip(start, image.shape[-n:], dst.shape[-n:]):
+        a, b = max(lo, 0), min(lo + width, size)
+        if b <= a:  # wholly outside
+            dst[...] = pad
+            return
+        inside.append(slice(a, b))
+        into.append(slice(a - lo, b - lo))
+    dst[(Ellipsis, *into)] = image[(Ellipsis, *inside)]
+    for k, (part, width) in enumerate(zip(into, dst.shape[-n:])):
+        for edge in (slice(0, part.start), slice(part.stop, width)):
+            if edge.stop > edge.start:
+                box = [slice(None)] * n
+                box[k] = edge
+                dst[(Ellipsis, *box)] = pad
 
 
 def crop_to_nonzero(

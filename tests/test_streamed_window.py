@@ -71,9 +71,12 @@ def _whole_buffer(seg: Segmenter, volume, conf: bool):
         xp = np.full((*items.shape[:2], *padded), spec.pad_value, dtype=np.float32)
         xp[(slice(None), slice(None), *(slice(o, o + s) for o, s in zip(off, size)))] = items
         items = xp
-    else:
-        items = x if nd == 2 else x[None]
-        padded, off = items.shape[2:], (0,) * nd
+    else:  # padded after the image to the spec's padded shape (the Segmenter cuts windows unpadded)
+        full = seg._pre.padded_shape(grid)
+        padded, off = (full if nd == 3 else full[1:]), (0,) * nd
+        xp = np.full((*items.shape[:2], *padded), spec.pad_value, dtype=np.float32)
+        xp[(slice(None), slice(None), *(slice(0, s) for s in size))] = items
+        items = xp
     starts = list(itertools.product(*(window_starts(P, p, spec.overlap) for P, p in zip(padded, patch))))
     weight = window_weights(patch, spec.window_weights)
     wsum = np.zeros(padded, dtype=np.float32)
@@ -262,6 +265,20 @@ def test_two_class_windows_without_confidence_give_the_argmax_of_the_whole_volum
     np.testing.assert_array_equal(got, want)
     # with confidence the two channels are blended and divided as before: the same labels
     np.testing.assert_array_equal(Segmenter(sliding, be).segment(vol, with_confidence=True).labels, want)
+
+
+def test_a_window_cut_from_the_unpadded_image_is_the_window_of_a_padded_copy():
+    from edgeseg.segmenter import cut_window
+
+    rng = np.random.default_rng(12)
+    image = rng.standard_normal((2, 9, 11, 7)).astype(np.float32)
+    pad = 8
+    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad), (pad, pad)), constant_values=-3.0)
+    dst = np.empty((2, 6, 5, 8), np.float32)
+    for start in [(0, 0, 0), (-2, 3, -4), (5, 8, 1), (-7, -6, -8), (9, 0, 0), (4, 9, 3), (3, -5, 6)]:
+        cut_window(image, start, dst, -3.0)
+        want = padded[(slice(None), *(slice(a + pad, a + pad + w) for a, w in zip(start, dst.shape[1:])))]
+        np.testing.assert_array_equal(dst, want)
 
 
 def test_batches_short_or_filled_last():
