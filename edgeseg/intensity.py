@@ -35,7 +35,8 @@ def _moments(x: np.ndarray, nonzero: bool) -> tuple[float, float]:
         d = block[: min(_BLOCK, n - i)]
         np.subtract(flat[i : i + _BLOCK], shift, out=d, dtype=np.float64)
         s1 += float(d.sum())
-        s2 += float(np.dot(d, d))
+        np.multiply(d, d, out=d)  # not np.dot: BLAS threads would spin against the engine's
+        s2 += float(d.sum())
     mean = s1 / n
     return shift + mean, math.sqrt(max(s2 / n - mean * mean, 0.0))
 
