@@ -44,7 +44,7 @@ class Prepared:
     """A preprocessed input and what is needed to map the output back.
 
     ``array`` is (C, D, H, W) for 3D models and (D, C, H, W) for 2D models (slices are the
-    batch), float32, padded. ``grid`` is the (D, H, W) model grid before padding; ``oriented``
+    batch), float32, padded (unpadded from a ``Preprocessor(pad=False)``). ``grid`` is the (D, H, W) model grid before padding; ``oriented``
     the source shape in model axes before resampling.
     """
 

@@ -374,7 +374,7 @@ class Segmenter:
             lab, c = to_labels(out, self.spec, with_confidence=conf)
             labels, confidence = lab[0], (c[0] if c is not None else None)
         else:
-            split_rows(len(planes), self._threads, rows, labels.size)
+            split_rows(len(planes), plane_threads(labels[0].size, self._threads), rows, labels.size)
         timer.add("postprocess", t)
         return labels, confidence
 
